@@ -1,0 +1,1 @@
+"""Data: calibration sources, the generated detection data set, COCO evaluation."""

@@ -1,0 +1,1 @@
+"""Model builders (registered through the ``damo_models`` hook)."""

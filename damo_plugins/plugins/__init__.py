@@ -1,0 +1,1 @@
+"""Built-in plugins, registered through the ``damo_plugins`` entry-point group."""
