@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import math
 import pickle
-import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -318,13 +317,20 @@ def _load_checkpoint(
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        text = str(exc)
+        marker = "Unsupported global:"
+        if marker in text:
+            what = text.split(marker, 1)[1].split(" was not", 1)[0].strip()
+            raise DamoError(
+                f"refused to load {path}: unpickling it would run code ({what}); checkpoints "
+                "are only loaded with weights_only=True",
+                "save the weights as a state_dict (or with damo-opt) and load that",
+            ) from exc
         raise DamoError(
-            f"refused to load {path}: it needs code to be unpickled, and checkpoints are only "
-            f"loaded with weights_only=True ({first[:160]})",
-            "save the weights as a state_dict (or with damo-opt) and load that",
+            f"{path} is not a readable PyTorch checkpoint (unpickling failed)",
+            "the file may be truncated or corrupt",
         ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+    except Exception as exc:  # torch.load raises many types on corrupt input
         raise DamoError(
             f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {str(exc)[:160]})",
             "the file may be truncated or corrupt",
@@ -336,8 +342,13 @@ def _load_checkpoint(
                 f"{path} holds weights without an architecture record",
                 "load it with --arch NAME (a registered model builder)",
             )
+        state = payload.get("state_dict")
+        if not isinstance(arch, Mapping) or "builder" not in arch or not isinstance(state, Mapping):
+            raise DamoError(
+                f"{path} is a damaged damo-plugins checkpoint (arch or weights missing)"
+            )
         module = rebuild(arch, mgr)
-        _load_state(module, payload["state_dict"], path)
+        _load_state(module, state, path)
         art = ModelArtifact(
             "torch",
             module.eval(),

@@ -58,6 +58,16 @@ def atomic_path(final: str | os.PathLike[str], suffix: str = "") -> Iterator[Pat
         raise
 
 
+def ensure_dir(path: str | os.PathLike[str]) -> Path:
+    """Create ``path`` (and parents) or raise a clear error."""
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _explain(exc, p) from exc
+    return p
+
+
 def write_bytes(final: str | os.PathLike[str], data: bytes) -> Path:
     with atomic_path(final) as tmp:
         tmp.write_bytes(data)

@@ -209,7 +209,9 @@ class PluginManager:
         if not isinstance(result, (list, tuple)):
             return bad(f"a {type(result).__name__} instead of a list")
         for obj in result:
-            if (kind == "pass" and isinstance(obj, type) and issubclass(obj, Pass)) or (kind == "adapter" and isinstance(obj, Adapter)):
+            if (kind == "pass" and isinstance(obj, type) and issubclass(obj, Pass)) or (
+                kind == "adapter" and isinstance(obj, Adapter)
+            ):
                 out.append((obj.name, obj))
             else:
                 bad(f"{obj!r}, which is not a {'Pass subclass' if kind == 'pass' else 'Adapter'}")

@@ -26,7 +26,7 @@ from typing import Any
 from damo_plugins import __version__, report
 from damo_plugins.artifact import ModelArtifact, _plain, load_model
 from damo_plugins.errors import DamoError, VerificationError
-from damo_plugins.io import atomic_dir
+from damo_plugins.io import atomic_dir, ensure_dir
 from damo_plugins.manager import PluginManager, get_manager
 from damo_plugins.passes.base import PassContext
 from damo_plugins.recipe import LoadedRecipe, check_chain, load_recipe
@@ -68,12 +68,14 @@ def run(
     if model is None:
         check_chain(loaded)
     out = Path(output or r.output or Path("runs") / Path(loaded.source).stem)
+    if out.exists() and not out.is_dir():
+        raise DamoError(f"output {out} exists and is not a folder", "choose another -o")
     if out.exists() and any(out.iterdir()) and not force:
         raise DamoError(
             f"output folder {out} already exists and is not empty",
             "use --force to overwrite, or choose another -o",
         )
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out)
 
     rep: dict[str, Any] = {
         "damo_plugins": __version__,

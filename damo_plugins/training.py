@@ -1,0 +1,210 @@
+"""``damo-opt train``: train a DAMO-YOLO model on a COCO-format folder or the generated set.
+
+Data layout (what :func:`damo_plugins.data.synthetic.generate` writes, and what users give):
+``DATA/train/`` + ``DATA/train.json`` and ``DATA/val/`` + ``DATA/val.json`` (COCO JSON, bbox
+annotations). ``--generate`` first writes the seeded synthetic set into ``DATA`` (default
+``OUTPUT/data``).
+
+The run folder gets ``last.pt`` (resumable, and loadable by every ``damo-opt`` verb),
+``best.pt`` (best validation mAP, EMA weights) and ``history.json``. ``--resume`` continues
+from ``OUTPUT/last.pt`` with the configuration stored in it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from damo_plugins.errors import DamoError
+from damo_plugins.hookspecs import hookimpl
+
+DEFAULT_MODEL = "damo-yolo-t"
+#: the small model of the benchmarks: DAMO-YOLO-T at a quarter of its width, for 256-320 px
+DEFAULT_MODEL_ARGS: dict[str, Any] = {"width": 0.25}
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    best_map: float
+    history: list[dict[str, Any]]
+    seconds: float
+    model: Any
+
+
+def data_splits(data: str | Path, img_size: int, seed: int = 0) -> tuple[Any, Any]:
+    """(augmenting train set, plain val set) of a data folder in our layout."""
+    from damo_plugins.data.coco import CocoDetection
+
+    root = Path(data)
+    for split in ("train", "val"):
+        if not (root / f"{split}.json").is_file() or not (root / split).is_dir():
+            raise DamoError(
+                f"{root} is not a detection data folder: {split}.json or {split}/ is missing",
+                "expected DATA/train/ + DATA/train.json and DATA/val/ + DATA/val.json, or use --generate",
+            )
+    train = CocoDetection(root / "train", root / "train.json", img_size, augment=True, seed=seed)
+    val = CocoDetection(root / "val", root / "val.json", img_size, augment=False)
+    if len(train) == 0:
+        raise DamoError(f"{root / 'train.json'} lists no images")
+    return train, val
+
+
+def train(
+    data: str | Path | None = None,
+    *,
+    output: str | Path = "runs/train",
+    model: str = DEFAULT_MODEL,
+    model_args: Mapping[str, Any] | None = None,
+    generate: bool = False,
+    generate_counts: tuple[int, int] = (3000, 300),
+    img_size: int = 256,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+    **config: Any,
+) -> TrainResult:
+    """Train ``model`` (a registered builder or a checkpoint) and write the run folder.
+
+    ``config`` holds :class:`~damo_plugins.train.loop.TrainConfig` fields (``epochs``,
+    ``batch_size``, ``lr``, ...). ``num_classes`` is taken from the data unless given.
+    """
+    from damo_plugins.artifact import load_model
+    from damo_plugins.train.loop import TrainConfig, fit, load_train_state
+
+    out = Path(output)
+    if img_size % 32:
+        raise DamoError(f"image size must be a multiple of 32, got {img_size}")
+    state = None
+    if resume:
+        state = load_train_state(out / "last.pt")
+        stored = dict(state.get("config") or {})
+        stored.update(
+            {k: v for k, v in config.items() if k in ("epochs", "progress", "max_minutes")}
+        )
+        config = stored
+    data = Path(data) if data is not None else out / "data"
+    if generate and not (data / "train.json").exists():
+        from damo_plugins.data.synthetic import generate as gen
+
+        log(f"generating the synthetic data set in {data} ...")
+        gen(data, train=generate_counts[0], val=generate_counts[1], seed=int(config.get("seed", 0)))
+    train_set, val_set = data_splits(data, img_size, seed=int(config.get("seed", 0)))
+    try:
+        cfg = TrainConfig(**config)
+    except TypeError as exc:
+        raise DamoError(f"unknown training option: {exc}") from None
+    kwargs = dict(
+        DEFAULT_MODEL_ARGS if model_args is None and model == DEFAULT_MODEL else (model_args or {})
+    )
+    is_file = Path(model).suffix in (".pt", ".pth")
+    if not is_file:
+        kwargs.setdefault("num_classes", train_set.num_classes)
+    art = load_model(model, input_shape=[1, 3, img_size, img_size], model_args=kwargs)
+    net = art.model
+    head = getattr(net, "head", None)
+    if head is None or getattr(head, "num_classes", None) != train_set.num_classes:
+        raise DamoError(
+            f"the model predicts {getattr(head, 'num_classes', '?')} classes but the data has "
+            f"{train_set.num_classes}",
+            "build it with --model-arg num_classes=N",
+        )
+    if state is not None:
+        log(f"resuming from {out / 'last.pt'} at epoch {state['epoch']}")
+    out.mkdir(parents=True, exist_ok=True)
+    meta_arch = dict(art.arch) if art.arch else None
+    res = fit(
+        net, train_set, cfg, val_set=val_set, output=out, arch=meta_arch, resume=state, log=log
+    )
+    write_run_info(
+        out,
+        {
+            "model": model,
+            "model_args": kwargs,
+            "img_size": img_size,
+            "data": str(data),
+            "config": asdict(cfg),
+            "best_mAP": res.best_map,
+            "seconds": round(res.seconds, 1),
+        },
+    )
+    return TrainResult(out, res.best_map, res.history, res.seconds, res.model)
+
+
+def write_run_info(out: Path, info: Mapping[str, Any]) -> None:
+    from damo_plugins.io import write_text
+
+    write_text(out / "run.json", json.dumps(dict(info), indent=1, default=str))
+
+
+# ------------------------------------------------------------------------------ CLI
+def _cmd_train(args: argparse.Namespace) -> int:
+    model_args: dict[str, Any] = {}
+    for item in args.model_arg:
+        if "=" not in item:
+            raise DamoError(f"--model-arg '{item}' is not KEY=VALUE")
+        key, value = item.split("=", 1)
+        try:
+            model_args[key] = json.loads(value)
+        except ValueError:
+            model_args[key] = value
+    if args.data is None and not args.generate and not args.resume:
+        raise DamoError("no training data given", "pass --data DIR (COCO layout) or --generate")
+    res = train(
+        args.data,
+        output=args.output,
+        model=args.model,
+        model_args=model_args or None,
+        generate=args.generate,
+        generate_counts=(args.train_images, args.val_images),
+        img_size=args.img_size,
+        resume=args.resume,
+        epochs=args.epochs,
+        batch_size=args.batch,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        seed=args.seed,
+        max_minutes=args.max_minutes,
+        progress=not args.no_progress,
+    )
+    print(
+        f"best mAP@[.5:.95] {res.best_map:.4f} in {res.seconds / 60:.1f} min; checkpoints in {res.output}"
+    )
+    return 0
+
+
+@hookimpl
+def damo_cli(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "train", help="train a DAMO-YOLO model (COCO folder or generated data)"
+    )
+    p.add_argument("--data", help="data folder: train/ + train.json, val/ + val.json")
+    p.add_argument(
+        "--generate", action="store_true", help="generate the synthetic set into --data first"
+    )
+    p.add_argument("--train-images", type=int, default=3000, help="generated training images")
+    p.add_argument("--val-images", type=int, default=300, help="generated validation images")
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, help="a registered builder or a .pt checkpoint"
+    )
+    p.add_argument(
+        "--model-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"builder argument (default for {DEFAULT_MODEL}: width=0.25)",
+    )
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
+    p.add_argument("--img-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-minutes", type=float, help="stop after this much training time")
+    p.add_argument("-o", "--output", default="runs/train", help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_train)

@@ -1,0 +1,300 @@
+"""MAE-NAS: scores, structures, budgets, search, latency tables (damo_plugins.nas)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from damo_plugins.errors import DamoError
+from damo_plugins.models.structure import dumps_text, parse_structure
+from damo_plugins.nas.analysis import analyzer_for, join, split
+from damo_plugins.nas.backbone import PlainBackbone
+from damo_plugins.nas.latency import LatencyTable, profile, spearman
+from damo_plugins.nas.score import entropy_scores, madnas_structure
+from damo_plugins.nas.search import Budgets, Search, SearchConfig
+from damo_plugins.nas.space import SearchSpace
+from damo_plugins.nas.structures import resolve_structure
+from damo_plugins.passes.nas import score_structure
+
+STEM, K1KX, KXKX = "ConvKXBNRELU", "SuperResConvK1KX", "SuperResConvKXKX"
+
+
+def tiny(cls: str = K1KX) -> list[dict]:
+    return [
+        {"class": STEM, "in": 3, "out": 8, "s": 1, "k": 3},
+        {"class": cls, "in": 8, "out": 16, "s": 2, "k": 3, "L": 2, "btn": 4},
+        {"class": cls, "in": 16, "out": 32, "s": 2, "k": 3, "L": 1, "btn": 8},
+    ]
+
+
+def half_log(x: float) -> float:
+    return 0.5 * math.log(x)
+
+
+# ------------------------------------------------------------------------ madnas
+@pytest.mark.parametrize("focus", [True, False])
+def test_madnas_k1kx_by_hand(focus: bool) -> None:
+    cin = 12 if focus else 3
+    l0 = half_log(cin * 9)
+    l1 = (half_log(8) + half_log(4 * 9)) + (
+        half_log(16) + half_log(4 * 9)
+    )  # 1st unit reads 8, 2nd 16
+    l2 = half_log(16) + half_log(8 * 9)
+    # three stages: [stem], [block 1], [block 2] (stride-2 blocks start stages)
+    want = 1 * (l0 + math.log(8)) + 2 * (l0 + l1 + math.log(16)) + 3 * (l0 + l1 + l2 + math.log(32))
+    got = madnas_structure(tiny(), resolution=64, focus=focus, alpha=(1, 2, 3))
+    assert got == pytest.approx(want, rel=1e-12)
+
+
+def test_madnas_kxkx_by_hand_and_zero_weights() -> None:
+    l0 = half_log(12 * 9)
+    l1 = (half_log(8 * 9) + half_log(4 * 9)) + (half_log(16 * 9) + half_log(4 * 9))
+    l2 = half_log(16 * 9) + half_log(8 * 9)
+    want = 16 * (l0 + l1 + l2 + math.log(32))
+    assert madnas_structure(tiny(KXKX), alpha=(0, 0, 16)) == pytest.approx(want, rel=1e-12)
+
+
+def test_madnas_damo_yolo_backbones() -> None:
+    """Regression values of T/S/M (Focus, alpha 0,0,1,1,16); bigger models score higher."""
+    t, s, m = (madnas_structure(resolve_structure(n)) for n in ("t", "s", "m"))
+    assert t == pytest.approx(1015.1441063, abs=1e-6)
+    assert t < s < m
+
+
+def test_score_invariances() -> None:
+    st = resolve_structure("s")
+    base = madnas_structure(st)
+    # key order, extra upstream keys and the text format change nothing
+    shuffled = [dict(reversed(list(b.items())), nbitsA=8, nbitsW=8) for b in st]
+    assert madnas_structure(shuffled) == base
+    assert madnas_structure(parse_structure(dumps_text(st))) == base
+    # doubling every width raises the score
+    doubled = [
+        dict(b, out=2 * b["out"], **({"btn": 2 * b["btn"]} if "btn" in b else {})) for b in st
+    ]
+    for a, b in zip(doubled[1:], doubled):
+        a["in"] = b["out"]
+    assert madnas_structure(doubled) > base
+    # so does depth
+    deeper = [dict(b, L=b["L"] + 1) if "L" in b else b for b in st]
+    assert madnas_structure(deeper) > base
+
+
+def test_alpha_must_match_stages() -> None:
+    with pytest.raises(DamoError, match="3 stages but 5 stage weights"):
+        madnas_structure(tiny())
+
+
+# ------------------------------------------------------------------------ entropy
+def test_entropy_agrees_with_madnas_and_is_seeded() -> None:
+    st = tiny()
+    kw = dict(resolution=128, alpha=(1, 2, 3), batch=8, repeats=2, workers=0)
+    e1 = entropy_scores([st], **kw)[0]
+    assert e1 == entropy_scores([st], **kw)[0]
+    # zero padding makes measured stds a little smaller than the closed form
+    mad = madnas_structure(st, alpha=(1, 2, 3))
+    assert e1 == pytest.approx(mad, rel=0.02)
+    assert e1 < mad
+
+
+def test_entropy_in_worker_processes_matches_in_process() -> None:
+    sts = [tiny(), tiny(KXKX)]
+    kw = dict(resolution=64, alpha=(1, 2, 3), batch=4, repeats=2)
+    assert entropy_scores(sts, workers=2, **kw) == pytest.approx(
+        entropy_scores(sts, workers=0, **kw), rel=1e-6
+    )
+
+
+# ------------------------------------------------------------------------ structures
+def test_parse_rejects_bad_structures(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    with pytest.raises(DamoError, match="neither JSON nor a Python literal"):
+        parse_structure(f"open({str(marker)!r}, 'w')")
+    assert not marker.exists()  # literal_eval, never eval
+    with pytest.raises(DamoError, match="missing key"):
+        parse_structure("[{'class': 'ConvKXBNRELU', 'in': 3, 'out': 8}]")
+    with pytest.raises(DamoError, match="must be positive"):
+        parse_structure(json.dumps([{"class": STEM, "in": 3, "out": -8, "s": 1, "k": 3}]))
+    with pytest.raises(DamoError, match="unknown class"):
+        parse_structure("[{'class': 'Nope', 'in': 3}]")
+    bad = tmp_path / "bad.txt"
+    bad.write_text("[{'class': 'ConvKXBNRELU', 'in': 3, 'out': 8, 's': 1, 'k': 3},, ]")
+    with pytest.raises(DamoError):
+        score_structure(bad)
+    with pytest.raises(DamoError, match="structure not found"):
+        score_structure(tmp_path / "missing.json")
+
+
+def test_split_join_roundtrip() -> None:
+    for name in ("t", "s", "m"):
+        st = resolve_structure(name)
+        bp, genome = split(st)
+        assert join(bp, genome) == st
+
+
+# ------------------------------------------------------------------------ FLOPs / params
+def _count(net: torch.nn.Module, x: torch.Tensor) -> int:
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(x)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize(
+    ("name", "res", "focus"), [("t", 128, True), ("m", 96, True), ("s", 97, False)]
+)
+def test_analytic_flops_params_equal_torch(name: str, res: int, focus: bool) -> None:
+    st = resolve_structure(name)
+    an, genome = analyzer_for(st, res, focus)
+    m = an.metrics(genome)
+    net = PlainBackbone(st, focus=focus).eval()
+    assert m.flops == _count(net, torch.zeros(1, 3, res, res))
+    assert m.params == sum(p.numel() for p in net.parameters())
+    assert m.layers == sum(isinstance(x, torch.nn.Conv2d) for x in net.modules()) - sum(
+        u.proj is not None for blk in net.blocks[1:] for u in blk
+    )
+
+
+def test_odd_resolution_with_focus_is_an_error() -> None:
+    with pytest.raises(DamoError, match="odd"):
+        analyzer_for(resolve_structure("t"), 321, True)
+
+
+# ------------------------------------------------------------------------ search
+@pytest.fixture(scope="module")
+def t_budget() -> Budgets:
+    an, g = analyzer_for(resolve_structure("t"), 640, True)
+    return Budgets(layers=20, flops=an.metrics(g).flops, params=2_500_000)
+
+
+def _search(budgets: Budgets, iterations: int, seed: int = 0, **kw) -> Search:
+    space = SearchSpace("k1kx", kernels=(3, 5))
+    return Search(
+        resolve_structure("init"),
+        space,
+        budgets,
+        SearchConfig(population=64, iterations=iterations, seed=seed, **kw),
+    )
+
+
+def test_search_respects_budgets_and_improves(t_budget: Budgets) -> None:
+    search = _search(t_budget, 6000)
+    res = search.run()
+    assert res.rejected_budget > 0  # the budget did bind
+    for member in res.population:
+        m = search.analyzer.metrics(member.genome)
+        assert not t_budget.violations(m)
+        assert m.layers <= 20 and m.flops <= t_budget.flops and m.params <= 2_500_000
+        parse_structure(join(search.analyzer.bp, member.genome))  # valid structure
+    scores = [m.score for m in res.population]
+    assert scores == sorted(scores, reverse=True)
+    assert len({m.genome for m in res.population}) == len(res.population)
+    assert res.best.score > res.init.score
+
+
+def test_search_every_candidate_within_space_rules() -> None:
+    space = SearchSpace("k1kx", kernels=(3, 5))
+    an, g = space.bind(resolve_structure("init"), budget_layers=20)
+    rng = random.Random(1)
+    for _ in range(3000):
+        g = space.mutate(g, rng)
+        st = parse_structure(join(an.bp, g))
+        assert st[0]["out"] <= 32
+        for i, b in enumerate(st[1:], 1):
+            assert b["k"] in (3, 5) and 1 <= b["L"] and b["btn"] >= b["out"] / 10
+            assert b["out"] >= b["in"]
+            r = space.channel_ranges[i] if i < len(space.channel_ranges) else None
+            if r:
+                assert r[0] <= b["out"] <= r[1]
+        assert st[1]["L"] <= 2
+
+
+def test_search_reproducible_and_resumable(tmp_path: Path, t_budget: Budgets) -> None:
+    a = _search(t_budget, 3000, seed=7).run()
+    b = _search(t_budget, 3000, seed=7).run()
+    assert [m.genome for m in a.population] == [m.genome for m in b.population]
+    c = _search(t_budget, 3000, seed=8).run()
+    assert [m.genome for m in c.population] != [m.genome for m in a.population]
+    # stop half-way, resume from the checkpoint: same result as the uninterrupted run
+    _search(t_budget, 1500, seed=7).run(outdir=tmp_path)
+    resumed = _search(t_budget, 3000, seed=7).run(
+        outdir=tmp_path, resume=tmp_path / "checkpoint.json"
+    )
+    assert [m.genome for m in resumed.population] == [m.genome for m in a.population]
+    assert resumed.iterations == 3000
+    # a checkpoint of another setup is refused
+    with pytest.raises(DamoError, match="different search"):
+        _search(t_budget, 3000, seed=9).run(resume=tmp_path / "checkpoint.json")
+
+
+def test_initial_structure_over_budget_is_an_error() -> None:
+    with pytest.raises(DamoError, match="over budget"):
+        _search(Budgets(flops=1_000_000), 10)
+    with pytest.raises(DamoError, match="latency table"):
+        _search(Budgets(latency_ms=1.0), 10)
+
+
+def test_searched_structure_builds_and_runs(t_budget: Budgets) -> None:
+    res = _search(t_budget, 2000).run()
+    st = parse_structure(dumps_text(res.structure))
+    outs = PlainBackbone(st).eval()(torch.randn(1, 3, 128, 128))
+    assert [o.shape[1] for o in outs] == [b["out"] for b in st[-3:]]
+    assert [o.shape[-1] for o in outs] == [8, 8, 4]
+    assert all(torch.isfinite(o).all() for o in outs)
+
+
+def test_entropy_search_small(t_budget: Budgets) -> None:
+    search = _search(
+        t_budget,
+        6,
+        score="entropy",
+        entropy_resolution=64,
+        entropy_batch=2,
+        entropy_repeats=1,
+        workers=0,
+        batch=3,
+    )
+    res = search.run()
+    assert res.evaluated >= 1 and res.best.score >= res.init.score
+
+
+# ------------------------------------------------------------------------ latency
+def test_latency_table_prediction_and_files(tmp_path: Path) -> None:
+    st = tiny()
+    an, g = analyzer_for(st, 64, True)
+    ops = an.ops(g)
+    entries = {op[:5]: 0.1 * (i + 1) for i, op in enumerate(ops)}
+    table = LatencyTable("torch", "CPU", 1, 0.05, entries)
+    want = 0.05 + sum(0.1 * (i + 1) * op[6] for i, op in enumerate(ops))
+    assert table.predict_ops(ops) == (pytest.approx(want), 0)
+    # a missing conv is estimated from its nearest neighbour, scaled by MACs
+    cin, cout, k, s, h = ops[1][:5]
+    est, missing = table.predict_ops([(cin * 2, cout, k, s, h, (h - 1) // s + 1, 1)])
+    assert missing == 1 and est == pytest.approx(0.05 + 2 * entries[ops[1][:5]])
+    path = table.save(tmp_path / "lat.json")
+    again = LatencyTable.load(path)
+    assert again.entries == pytest.approx(table.entries) and again.predict(an, g) == pytest.approx(
+        want
+    )
+    (tmp_path / "bad.json").write_text('{"format": "nope"}')
+    with pytest.raises(DamoError, match="not a latency table"):
+        LatencyTable.load(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("backend", ["torch", "openvino"])
+def test_profile_measures_real_ops(backend: str) -> None:
+    keys = [(8, 16, 3, 1, 16), (16, 16, 1, 1, 16)]
+    table = profile(keys, backend=backend, threads=1, repeats=3, warmup=1)
+    assert set(table.entries) == set(keys)
+    assert all(v >= 0 for v in table.entries.values()) and table.overhead_ms > 0
+
+
+def test_spearman() -> None:
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) == pytest.approx(0.8)
