@@ -33,7 +33,7 @@ def test_weights_only_state_dict_needs_arch(tmp_path: Path) -> None:
     art = load_model("tiny-cnn")
     sd_path = tmp_path / "official.pth"
     torch.save({"model": art.model.state_dict()}, sd_path)
-    with pytest.raises(DamoError, match="holds weights only.*--arch"):
+    with pytest.raises(DamoError, match=r"holds weights only.*--arch"):
         load_model(sd_path)
     loaded = load_model(sd_path, arch="tiny-cnn")
     feeds = art.example_inputs()
@@ -50,7 +50,7 @@ class Evil:
 def test_checkpoint_needing_code_is_refused(tmp_path: Path, capsys) -> None:
     path = tmp_path / "evil.pt"
     torch.save({"model": Evil()}, path)
-    with pytest.raises(DamoError, match="refused to load .*weights_only=True"):
+    with pytest.raises(DamoError, match=r"refused to load .*weights_only=True"):
         load_model(path)
     assert "code ran" not in capsys.readouterr().out
     whole_module = tmp_path / "module.pt"
@@ -110,5 +110,5 @@ def test_openvino_xml_bin_mismatch(tmp_path: Path) -> None:
 
 
 def test_unknown_model_name_suggests() -> None:
-    with pytest.raises(DamoError, match="unknown model 'tiny-cn' .*tiny-cnn"):
+    with pytest.raises(DamoError, match=r"unknown model 'tiny-cn' .*tiny-cnn"):
         load_model("tiny-cn")

@@ -137,7 +137,7 @@ def test_existing_output_needs_force(tmp_path: Path) -> None:
     recipe = {"model": "tiny-cnn", "steps": ["export", "convert"]}
     run(recipe, output=out, manager=PluginManager(), log=lambda m: None)
     first = _sha(out / "01-export" / "model.onnx")
-    with pytest.raises(DamoError, match="already exists.*--force"):
+    with pytest.raises(DamoError, match=r"already exists.*--force"):
         run(recipe, output=out, manager=PluginManager(), log=lambda m: None)
     assert _sha(out / "01-export" / "model.onnx") == first
     run(

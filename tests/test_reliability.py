@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -113,12 +114,10 @@ FUZZ = settings(
 @FUZZ
 @given(st.text(max_size=300))
 def test_fuzz_recipe_text(text: str) -> None:
-    try:
+    with contextlib.suppress(DamoError):
         data, _ = parse_text(text, "fuzz.yaml")
         if isinstance(data, dict):
             load_recipe(data, get_manager())
-    except DamoError:
-        pass
 
 
 recipe_values = st.recursive(
@@ -137,19 +136,15 @@ recipe_values = st.recursive(
     )
 )
 def test_fuzz_recipe_structure(data: dict) -> None:
-    try:
+    with contextlib.suppress(DamoError):
         load_recipe(data, get_manager())
-    except DamoError:
-        pass
 
 
 @FUZZ
 @given(st.text(max_size=200) | st.binary(max_size=200))
 def test_fuzz_structure_text(text) -> None:
-    try:
+    with contextlib.suppress(DamoError):
         parse_structure(text)
-    except DamoError:
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +166,5 @@ def test_fuzz_truncated_and_random_files(
     cut = data[: int(len(data) * frac)] + junk
     path = tmp_path_factory.mktemp("fuzz") / f"m{suffix}"
     path.write_bytes(cut)
-    try:
+    with contextlib.suppress(DamoError):
         load_model(path)
-    except DamoError:
-        pass
