@@ -125,6 +125,8 @@ class ModelArtifact:
                     dtype = next((p.dtype for p in module.parameters()), torch.float32)
                     args = [torch.from_numpy(np.ascontiguousarray(f)).to(dtype) for f in feeds]
                     out = module(*args)
+            except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+                raise _input_error(feeds, exc) from exc
             finally:
                 module.train(was_training)
             return [t.detach().cpu().numpy() for t in _flatten(out)]
@@ -133,7 +135,12 @@ class ModelArtifact:
 
             sess = ort_session(self.model)
             names = [i.name for i in sess.get_inputs()]
-            return list(sess.run(None, dict(zip(names, feeds))))
+            if len(feeds) != len(names):
+                raise DamoError(f"the model takes {len(names)} input(s), got {len(feeds)}")
+            try:
+                return list(sess.run(None, dict(zip(names, feeds))))
+            except Exception as exc:  # ORT's errors are not a public type hierarchy
+                raise _input_error(feeds, exc) from exc
         return _manager(manager).adapter_for_format(self.format).run(self, feeds)
 
     # ------------------------------------------------------------- measures
@@ -432,6 +439,15 @@ def onnx_artifact(proto: onnx.ModelProto, **kwargs: Any) -> ModelArtifact:
 
 
 # ---------------------------------------------------------------------- helpers
+def _input_error(feeds: Sequence[np.ndarray], exc: BaseException) -> DamoError:
+    shapes = ", ".join(f"{list(f.shape)} {f.dtype}" for f in feeds)
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return DamoError(
+        f"the model cannot run on input {shapes}: {first[:300]}",
+        "check the input shape (--input-shape / input_shape) and dtype",
+    )
+
+
 def _flatten(out: Any) -> list[torch.Tensor]:
     import torch
 
