@@ -18,6 +18,17 @@ from damo_plugins.models.damo_yolo import (
 )
 from damo_plugins.models.structure import dumps_text
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: these tensors are small, and on a shared, oversubscribed machine
+    two spinning threads made element-wise ops ~100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # Official figures (params in M, GFLOPs = 2 x MACs at 640x640): unfused, fused.
 OFFICIAL = {
     "t": ((8.876, 18.98), (8.48, 18.01)),
@@ -176,7 +187,7 @@ def test_width_depth_small_variant() -> None:
     n = sum(p.numel() for p in small.parameters())
     assert 1.5e6 < n < 3.5e6
     with torch.no_grad():
-        scores, boxes = small(torch.rand(1, 3, 256, 256))
+        scores, _ = small(torch.rand(1, 3, 256, 256))
     assert scores.shape == (1, 32 * 32 + 16 * 16 + 8 * 8, 5)
 
 

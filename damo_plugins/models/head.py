@@ -1,0 +1,132 @@
+"""ZeroHead: DAMO-YOLO's GFL-style head without stacked convs, decoding inside the graph.
+
+Per level, a 3x3 conv gives class logits (``gfl_cls``) and another the box distribution
+(``gfl_reg``: 4 sides x ``reg_max + 1`` bins, times a learnable ``scales[i].scale``). At
+inference the head returns sigmoid ``scores [N, A, C]`` and ``boxes [N, A, 4]`` (x1, y1, x2,
+y2 in input pixels): softmax over the bins, expectation with ``integral.project`` (0..reg_max),
+times the level's stride, subtracted from / added to the anchor point (top-left of the cell,
+as upstream). NMS stays outside.
+
+Decode detail: the per-anchor stride is a ``[1, A, 4]`` constant rather than ``[1, A, 1]``:
+identical numbers, but the broadcast form made an INT8 OpenVINO IR fail to compile when the
+decode was left in float (see FACTS.md).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.fx
+from torch import nn
+
+
+class Scale(nn.Module):
+    """A learnable scalar factor (``scale``, a 0-d parameter as upstream)."""
+
+    def __init__(self, value: float = 1.0) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(value, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+class Integral(nn.Module):
+    """Expectation of a distribution over ``0..reg_max`` (buffer ``project``, as upstream)."""
+
+    def __init__(self, reg_max: int) -> None:
+        super().__init__()
+        self.reg_max = reg_max
+        self.register_buffer("project", torch.linspace(0, reg_max, reg_max + 1))
+
+    def forward(self, prob: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(prob, self.project.to(prob.dtype))
+
+
+def anchor_grid(
+    feats: Sequence[torch.Tensor], strides: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Anchor points ``[1, A, 4]`` (x, y, x, y) and strides ``[1, A, 4]`` for feature maps.
+
+    Computed from static shapes, so that tracers (ONNX export, fx) record constants. It is
+    registered with :func:`torch.fx.wrap` so symbolic tracing keeps it as one opaque call.
+    """
+    points, scales = [], []
+    for f, s in zip(feats, strides):
+        h, w = int(f.shape[-2]), int(f.shape[-1])
+        ys, xs = torch.meshgrid(
+            torch.arange(h, dtype=f.dtype, device=f.device) * s,
+            torch.arange(w, dtype=f.dtype, device=f.device) * s,
+            indexing="ij",
+        )
+        xy = torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=-1)
+        points.append(torch.cat([xy, xy], dim=-1))
+        scales.append(torch.full((h * w, 4), float(s), dtype=f.dtype, device=f.device))
+    return torch.cat(points)[None], torch.cat(scales)[None]
+
+
+torch.fx.wrap("anchor_grid")
+
+
+class ZeroHead(nn.Module):
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: Sequence[int],
+        reg_max: int = 16,
+        strides: Sequence[int] = (8, 16, 32),
+        prior_prob: float = 0.01,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.reg_max = reg_max
+        self.strides = tuple(strides)
+        self.gfl_cls = nn.ModuleList(nn.Conv2d(c, num_classes, 3, padding=1) for c in in_channels)
+        self.gfl_reg = nn.ModuleList(
+            nn.Conv2d(c, 4 * (reg_max + 1), 3, padding=1) for c in in_channels
+        )
+        self.scales = nn.ModuleList(Scale(1.0) for _ in self.strides)
+        self.integral = Integral(reg_max)
+        # GFL initialisation: small weights, class bias at the prior probability.
+        bias = -math.log((1 - prior_prob) / prior_prob)
+        for conv in [*self.gfl_cls, *self.gfl_reg]:
+            nn.init.normal_(conv.weight, std=0.01)
+            nn.init.zeros_(conv.bias)
+        for conv in self.gfl_cls:
+            nn.init.constant_(conv.bias, bias)
+
+    def forward_levels(
+        self, feats: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Raw outputs for training and decoding.
+
+        Returns class logits ``[N, A, C]``, box-bin logits ``[N, A, 4, reg_max + 1]``, anchor
+        points ``[1, A, 4]`` and strides ``[1, A, 4]``; anchors run level by level, row-major.
+        """
+        cls_out, reg_out = [], []
+        for i, f in enumerate(feats):
+            n = f.shape[0]
+            cls_out.append(self.gfl_cls[i](f).flatten(2).permute(0, 2, 1))
+            reg = self.scales[i](self.gfl_reg[i](f))
+            reg_out.append(reg.reshape(n, 4, self.reg_max + 1, -1).permute(0, 3, 1, 2))
+        points, strides = anchor_grid(feats, self.strides)
+        return torch.cat(cls_out, 1), torch.cat(reg_out, 1), points, strides
+
+    def decode(
+        self,
+        cls_logits: torch.Tensor,
+        reg_logits: torch.Tensor,
+        points: torch.Tensor,
+        strides: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = cls_logits.sigmoid()
+        dist = self.integral(reg_logits.softmax(dim=-1)) * strides
+        boxes = torch.cat(
+            [points[..., :2] - dist[..., :2], points[..., 2:] + dist[..., 2:]], dim=-1
+        )
+        return scores, boxes
+
+    def forward(self, feats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.decode(*self.forward_levels(feats))
