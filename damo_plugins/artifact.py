@@ -288,6 +288,9 @@ def build_model(
     model_args: Mapping[str, Any] | None = None,
 ) -> ModelArtifact:
     kwargs = dict(model_args or {})
+    normalize = getattr(builder, "normalize_kwargs", None)
+    if normalize is not None:  # e.g. a structure file -> the structure, so arch stays valid
+        kwargs = normalize(kwargs)
     try:
         module = builder(**kwargs)
     except TypeError as exc:

@@ -236,6 +236,18 @@ def build_damo_yolo(
         raise DamoError(f"cannot build this DAMO-YOLO variant: {exc}") from None
 
 
+def normalize_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Builder arguments as plain data: a ``backbone`` file is replaced by its structure.
+
+    Saved checkpoints record the builder's arguments to rebuild the architecture; recording
+    the structure itself keeps them valid after the structure file is moved or deleted.
+    """
+    out = dict(kwargs)
+    if isinstance(out.get("backbone"), (str, Path)):
+        out["backbone"] = read_backbone(out["backbone"])
+    return out
+
+
 def _preset_builder(preset: str) -> Any:
     def builder(
         num_classes: int = 80,
@@ -261,6 +273,7 @@ def _preset_builder(preset: str) -> Any:
         "``width``/``depth`` scale it, ``deploy`` builds RepConvs fused)."
     )
     builder.default_input_shape = DEFAULT_INPUT_SHAPE  # type: ignore[attr-defined]
+    builder.normalize_kwargs = normalize_kwargs  # type: ignore[attr-defined]
     return builder
 
 
@@ -268,3 +281,4 @@ build_damo_yolo_t = _preset_builder("t")
 build_damo_yolo_s = _preset_builder("s")
 build_damo_yolo_m = _preset_builder("m")
 build_damo_yolo.default_input_shape = DEFAULT_INPUT_SHAPE  # type: ignore[attr-defined]
+build_damo_yolo.normalize_kwargs = normalize_kwargs  # type: ignore[attr-defined]
