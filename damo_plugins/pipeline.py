@@ -92,7 +92,11 @@ def run(
         art = load_model(
             spec, manager=mgr, input_shape=r.input_shape, model_args=r.model_args, arch=r.arch
         )
-        rep["steps"].append(_entry(0, "input", art, {}, None, time.perf_counter() - t0, None, {}))
+        first = _entry(0, "input", art, {}, None, time.perf_counter() - t0, None, {})
+        first["size_bytes"] = _size(art.path) if art.path else None
+        if first["flops"]:
+            art.meta["flops"] = first["flops"]
+        rep["steps"].append(first)
         report.write(out, rep)
         for step in loaded.steps:
             number = step.index + 1
@@ -114,7 +118,16 @@ def run(
                         "run with --debug for the traceback",
                     ) from exc
                 seconds = time.perf_counter() - t0
-                ver = pass_.verify(art, after, ctx) if verify else None
+                try:
+                    ver = pass_.verify(art, after, ctx) if verify else None
+                except DamoError:
+                    raise
+                except Exception as exc:
+                    raise DamoError(
+                        f"step '{step.name}' could not be verified: {type(exc).__name__}: "
+                        f"{_first_line(exc)}",
+                        "run with --debug for the traceback, or --no-verify to skip checks",
+                    ) from exc
                 config = step.config.model_dump(mode="json")
                 after.provenance.append(
                     {
@@ -134,6 +147,9 @@ def run(
             entry = _entry(
                 number, step.name, after, config, ver, seconds, folder / main.name, ctx.extra
             )
+            entry["size_bytes"] = _size(folder)
+            if entry["flops"]:
+                after.meta["flops"] = entry["flops"]
             rep["steps"].append(entry)
             after.path = folder / main.name
             report.write(out, rep)
@@ -142,6 +158,7 @@ def run(
             art = after
         _remove_stale(out, len(loaded.steps))
         rep["status"] = "ok"
+        report.plot(out, rep)
     except BaseException as exc:
         rep["status"] = "failed"
         rep["error"] = str(exc) if isinstance(exc, DamoError) else f"{type(exc).__name__}: {exc}"
@@ -177,12 +194,25 @@ def _entry(
         "config": config,
         "format": art.format,
         "params": art.param_count(),
-        "flops": art.flops(),
+        # ONNX/IR artifacts cannot be counted; they compute what the PyTorch model they came
+        # from computes (format changes and quantization keep the operations), so inherit.
+        "flops": art.flops() or art.meta.get("flops"),
         "verification": ver.to_dict() if ver is not None else None,
         "seconds": round(seconds, 3),
         "artifact": str(path) if path else (str(art.path) if art.path else None),
         "metrics": _plain(metrics),
     }
+
+
+def _size(path: Path | None) -> int | None:
+    """Bytes on disk of a step folder, or of a model file (with an IR's ``.bin``)."""
+    if path is None:
+        return None
+    p = Path(path)
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    files = [p, p.with_suffix(".bin")] if p.suffix == ".xml" else [p]
+    return sum(f.stat().st_size for f in files if f.is_file())
 
 
 def _remove_stale(out: Path, n_steps: int) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from damo_plugins.io import write_text
+from damo_plugins.io import atomic_path, write_text
 
 
 def human(n: float | int | None, unit: str = "") -> str:
@@ -46,14 +46,19 @@ def markdown(rep: Mapping[str, Any]) -> str:
         lines.append(f"- error: {rep['error']}")
     lines += [
         "",
-        "| # | step | format | params | FLOPs | verification | time (s) |",
-        "|---|---|---|---|---|---|---|",
+        "| # | step | format | params | FLOPs | size | latency (ms) | verification | time (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for s in rep.get("steps", []):
+        lat = latency_ms(s)
         lines.append(
             f"| {s['index']} | {s['step']} | {s['format']} | {human(s.get('params'))} | "
-            f"{human(s.get('flops'))} | {_verification(s.get('verification'))} | {s['seconds']:.2f} |"
+            f"{human(s.get('flops'))} | {human(s.get('size_bytes'), 'B')} | "
+            f"{f'{lat:.2f}' if lat is not None else '—'} | "
+            f"{_verification(s.get('verification'))} | {s['seconds']:.2f} |"
         )
+    if rep.get("plot"):
+        lines += ["", f"![params, FLOPs, size and latency per step]({rep['plot']})"]
     metric_rows = [
         (s["step"], k, v) for s in rep.get("steps", []) for k, v in (s.get("metrics") or {}).items()
     ]
@@ -69,6 +74,48 @@ def markdown(rep: Mapping[str, Any]) -> str:
             )
             lines.append(f"| {step} | {k} | {val} |")
     return "\n".join(lines) + "\n"
+
+
+def latency_ms(step: Mapping[str, Any]) -> float | None:
+    """Median latency a benchmark step measured, if any."""
+    bench = (step.get("metrics") or {}).get("benchmark") or {}
+    value = bench.get("median_ms")
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def plot(out: Path, rep: dict[str, Any]) -> Path | None:
+    """``report.png``: params, FLOPs, size on disk and latency per step (matplotlib, Agg)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plots are a convenience; the tables carry the numbers
+        return None
+    steps = rep.get("steps", [])
+    if not steps:
+        return None
+    labels = [f"{s['index']}. {s['step']}" for s in steps]
+    series = [
+        ("params (M)", [(s.get("params") or 0) / 1e6 for s in steps]),
+        ("FLOPs (G)", [(s.get("flops") or 0) / 1e9 for s in steps]),
+        ("size on disk (MB)", [(s.get("size_bytes") or 0) / 1e6 for s in steps]),
+        ("median latency (ms)", [latency_ms(s) or 0.0 for s in steps]),
+    ]
+    series = [(name, vals) for name, vals in series if any(vals)]
+    fig, axes = plt.subplots(1, len(series), figsize=(3.2 * len(series), 3.4), squeeze=False)
+    for ax, (name, vals) in zip(axes[0], series):
+        ax.bar(range(len(vals)), vals, color="#3b7dd8")
+        ax.set_title(name, fontsize=10)
+        ax.set_xticks(range(len(vals)), labels, rotation=45, ha="right", fontsize=8)
+    fig.suptitle(f"{rep.get('model')} — {rep.get('status')}", fontsize=10)
+    fig.tight_layout()
+    target = out / "report.png"
+    with atomic_path(target, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    rep["plot"] = target.name
+    return target
 
 
 def write(out: Path, rep: Mapping[str, Any]) -> None:
