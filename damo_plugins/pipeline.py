@@ -15,6 +15,7 @@ Guarantees (see ``docs/reliability.md``):
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import time
 import traceback
@@ -26,7 +27,7 @@ from typing import Any
 from damo_plugins import __version__, report
 from damo_plugins.artifact import ModelArtifact, _plain, load_model
 from damo_plugins.errors import DamoError, VerificationError
-from damo_plugins.io import atomic_dir, ensure_dir
+from damo_plugins.io import atomic_dir, ensure_dir, write_text
 from damo_plugins.manager import PluginManager, get_manager
 from damo_plugins.passes.base import PassContext
 from damo_plugins.recipe import LoadedRecipe, check_chain, load_recipe
@@ -143,15 +144,17 @@ def run(
                         f"step '{step.name}' failed verification: {ver.message}",
                         "earlier steps' outputs are kept; use --no-verify to skip checks",
                     )
-                main = after.save(tmp, manager=mgr)
-            entry = _entry(
-                number, step.name, after, config, ver, seconds, folder / main.name, ctx.extra
-            )
-            entry["size_bytes"] = _size(folder)
+                if pass_.measures_only and art.path is not None:
+                    model_path = art.path  # unchanged model: no second copy on disk
+                    write_text(tmp / "metrics.json", json.dumps(_plain(ctx.extra), indent=2) + "\n")
+                else:
+                    model_path = folder / after.save(tmp, manager=mgr).name
+            entry = _entry(number, step.name, after, config, ver, seconds, model_path, ctx.extra)
+            entry["size_bytes"] = _size(model_path)
             if entry["flops"]:
                 after.meta["flops"] = entry["flops"]
             rep["steps"].append(entry)
-            after.path = folder / main.name
+            after.path = model_path
             report.write(out, rep)
             mgr.notify("damo_step_finished", step=step.name, before=art, after=after, metrics=entry)
             log(f"{label} done in {seconds:.1f}s" + (f" — {ver.message}" if ver else ""))

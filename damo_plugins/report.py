@@ -20,6 +20,10 @@ def human(n: float | int | None, unit: str = "") -> str:
     return f"{n:g}{unit}"
 
 
+def _num(value: Any, digits: int) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "—"
+
+
 def _verification(v: Mapping[str, Any] | None) -> str:
     if not v:
         return "—"
@@ -46,15 +50,17 @@ def markdown(rep: Mapping[str, Any]) -> str:
         lines.append(f"- error: {rep['error']}")
     lines += [
         "",
-        "| # | step | format | params | FLOPs | size | latency (ms) | verification | time (s) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| # | step | format | params | FLOPs | size | mAP | mAP@.5 | latency (ms) "
+        "| verification | time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in rep.get("steps", []):
         lat = latency_ms(s)
+        ev = (s.get("metrics") or {}).get("evaluation") or {}
         lines.append(
             f"| {s['index']} | {s['step']} | {s['format']} | {human(s.get('params'))} | "
             f"{human(s.get('flops'))} | {human(s.get('size_bytes'), 'B')} | "
-            f"{f'{lat:.2f}' if lat is not None else '—'} | "
+            f"{_num(ev.get('mAP'), 4)} | {_num(ev.get('mAP50'), 4)} | {_num(lat, 2)} | "
             f"{_verification(s.get('verification'))} | {s['seconds']:.2f} |"
         )
     if rep.get("plot"):

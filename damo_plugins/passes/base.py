@@ -58,6 +58,9 @@ class Pass:
     #: default verification tolerance (max error relative to output scale)
     tolerance: ClassVar[float] = 1e-4
     description: ClassVar[str] = ""
+    #: a measurement (benchmark, evaluation): the pipeline keeps the input's files instead of
+    #: saving an identical copy, and writes only the step's metrics
+    measures_only: ClassVar[bool] = False
 
     def __init__(self, config: PassConfig | dict[str, Any] | None = None) -> None:
         if config is None:

@@ -1,4 +1,4 @@
-"""The core plugin: the format passes (``export``, ``convert``) and a smoke-test model.
+"""The core plugin: ``export``, ``convert``, ``evaluate`` and a smoke-test model.
 
 Registered through the ``damo_plugins`` entry-point group in ``setup.cfg`` like any
 third-party plugin.
@@ -12,9 +12,10 @@ from damo_plugins.hookspecs import hookimpl
 @hookimpl
 def damo_passes():
     from damo_plugins.passes.convert import ConvertPass
+    from damo_plugins.passes.evaluate import EvaluatePass
     from damo_plugins.passes.export import ExportPass
 
-    return [ExportPass, ConvertPass]
+    return [ExportPass, ConvertPass, EvaluatePass]
 
 
 @hookimpl
