@@ -1,12 +1,418 @@
-"""Intel Neural Compressor 3.x adapter (PyTorch PT2E static quantization)."""
+"""Intel Neural Compressor 3.x adapter: PyTorch PT2E static quantization, autotune.
+
+The flow is INC's own: ``neural_compressor.torch.export.export`` (an ``nn.Module`` passed
+straight to ``prepare`` fails) -> ``prepare(model, StaticQuantConfig(...))`` -> calibration
+-> ``convert``; with ``max_drop``, ``autotune`` over a ``TuningConfig`` (a list of configs)
+with an evaluation function and that accuracy goal.
+
+The quantized ``GraphModule`` (quantize/dequantize pairs around ATen ops) is slow in eager
+PyTorch, so it is handed on: re-exported with ``torch.export`` and converted by OpenVINO
+(target ``openvino``, the default; OpenVINO turns the pairs into ``FakeQuantize`` and runs
+INT8 kernels) or exported to ONNX QDQ (target ``onnx``).
+
+Keeping the detector decode in floating point: INC's op-level configuration works on module
+names and op types, but DAMO-YOLO's decode is a run of functional ops inside the head
+module, next to the head's convolutions. So we act one level lower, on the prepared graph:
+before calibration, observers whose input or every consumer lies in the decode tail (found
+structurally, like everywhere else) are removed — the decode then stays float through
+``convert``. The hook runs inside the calibration function, so it applies in ``autotune``'s
+trials too. (Without it, INC also fails outright on the integral: ``F.linear`` with the
+1-D bin vector trips the per-channel weight observer.)
+
+INC 3.x no longer quantizes ONNX models (that moved to ``onnx-neural-compressor``, which
+needs numpy < 2 and cannot be installed beside this stack): asking for it is a clear error
+pointing to NNCF or ONNX Runtime.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+
 from damo_plugins.adapter import Adapter
+from damo_plugins.artifact import ModelArtifact
+from damo_plugins.errors import DamoError, UnsupportedError
+from damo_plugins.passes.quantize import (
+    CONST,
+    INPUT,
+    OP,
+    SHAPE,
+    SIGNATURE,
+    STOP,
+    as_feeds,
+    fidelity,
+    walk_decode,
+)
+
+
+@contextlib.contextmanager
+def _quiet() -> Any:
+    """INC logs each step at INFO/WARNING (dozens of lines per model); keep the CLI readable.
+
+    INC's logger is a singleton that sets its own level when first created, so it is created
+    here first and then silenced.
+    """
+    try:
+        from neural_compressor.common.utils.logger import Logger
+
+        inc: logging.Logger | None = Logger().get_logger()
+    except Exception:
+        inc = None
+    loggers = [
+        lg for lg in (inc, logging.getLogger("torchao"), logging.getLogger("torch.export")) if lg
+    ]
+    old = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, lvl in zip(loggers, old):
+            lg.setLevel(lvl)
 
 
 class INCAdapter(Adapter):
     name = "inc"
     backend = "neural_compressor"
     backend_distribution = "neural-compressor"
-    capabilities = ()
+    capabilities = ("quantize", "autotune")
+
+    def require_backend(self) -> Any:
+        mod = super().require_backend()
+        try:
+            import neural_compressor.torch.quantization  # noqa: F401
+        except ImportError as exc:
+            raise UnsupportedError(
+                f"Intel Neural Compressor's PyTorch API cannot be imported ({exc})",
+                "pip install 'neural-compressor[pt]' (the plain package lacks its PyTorch dependencies)",
+            ) from exc
+        return mod
+
+    def quantize(
+        self,
+        artifact: ModelArtifact,
+        calibration: Iterable[Any],
+        *,
+        target: str | None = None,
+        mode: str = "int8",
+        subset_size: int = 300,
+        keep_head_fp: bool = True,
+        ignored_scope: dict | None = None,
+        max_drop: float | None = None,
+        validation: Iterable[Any] | None = None,
+        validation_fn: Callable[[Any], float] | None = None,
+        configs: list[dict[str, Any]] | None = None,
+        max_trials: int = 10,
+        **_: Any,
+    ) -> ModelArtifact:
+        if artifact.format == "onnx":
+            raise UnsupportedError(
+                "Intel Neural Compressor 3.x no longer quantizes ONNX models (that moved to "
+                "onnx-neural-compressor, which needs numpy<2 and does not install beside this stack)",
+                "use --adapter nncf or --adapter onnxruntime for ONNX models",
+            )
+        if artifact.format != "torch":
+            raise UnsupportedError(
+                f"Intel Neural Compressor quantizes PyTorch models, not {artifact.format}",
+                "use --adapter nncf for OpenVINO IR",
+            )
+        if mode != "int8":
+            raise UnsupportedError(
+                "INC adapter: only static INT8 (mode int8) is offered",
+                "use --adapter nncf --mode weights for weight-only compression",
+            )
+        target = target or "openvino"
+        if target not in ("openvino", "onnx"):
+            raise UnsupportedError(
+                f"INC adapter: unknown target '{target}'", "use openvino or onnx"
+            )
+        with _quiet():
+            self.require_backend()
+        import copy
+
+        import torch
+        from neural_compressor.torch.export import export
+        from neural_compressor.torch.quantization import StaticQuantConfig, convert, prepare
+
+        items = list(calibration)[: max(1, subset_size)]
+        if not items:
+            raise DamoError("the calibration set is empty", "give a folder or file with samples")
+        example = tuple(torch.from_numpy(f) for f in as_feeds(items[0]))
+        module = copy.deepcopy(artifact.model).eval()
+        kept: list[str] = []
+
+        def calibrate(prepared: Any) -> None:
+            if keep_head_fp:
+                kept[:] = strip_decode_observers(prepared)
+            with torch.no_grad():
+                for item in items:
+                    prepared(*[torch.from_numpy(f) for f in as_feeds(item)])
+
+        base_cfg = self._config(StaticQuantConfig, ignored_scope)
+        metric = baseline = None
+        if max_drop is not None:
+            # Checked on the eager FP32 model before the (slow) export: a bad metric fails fast.
+            metric = validation_fn or _agreement_metric(module, validation)
+            baseline = float(metric(module))
+            if not np.isfinite(baseline) or baseline <= 0:
+                # INC divides by the FP32 baseline (relative loss); zero would crash deep inside.
+                raise DamoError(
+                    f"the validation metric is {baseline} on the FP32 model; "
+                    "accuracy-aware tuning needs a positive baseline",
+                    "check the validation data and metric",
+                )
+        info: dict[str, Any] = {
+            "adapter": self.name,
+            "backend_version": self.backend_version(),
+            "calibration_samples": len(items),
+        }
+        with _quiet(), torch.no_grad():
+            try:
+                exported = export(module, example)
+            except Exception as exc:
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise DamoError(
+                    f"INC could not export the model (torch.export): {first[:300]}",
+                    "use --adapter nncf, which converts through OpenVINO",
+                ) from exc
+            if max_drop is None:
+                prepared = prepare(exported, base_cfg)
+                calibrate(prepared)
+                quantized = convert(prepared)
+            else:
+                quantized, tuning = self._autotune(
+                    exported,
+                    StaticQuantConfig,
+                    calibrate,
+                    metric,
+                    baseline,
+                    max_drop,
+                    configs,
+                    max_trials,
+                    ignored_scope,
+                )
+                info["autotune"] = tuning
+        info["kept_fp"] = list(kept)
+        return self._hand_off(artifact, quantized, example, target, info)
+
+    @staticmethod
+    def _config(cls: Any, ignored_scope: dict | None, **kwargs: Any) -> Any:
+        cfg = cls(**kwargs)
+        for name in (ignored_scope or {}).get("names") or []:
+            cfg.set_local(name, cls(w_dtype="fp32", act_dtype="fp32"))
+        for op_type in (ignored_scope or {}).get("types") or []:
+            cfg.set_local(op_type, cls(w_dtype="fp32", act_dtype="fp32"))
+        return cfg
+
+    def _autotune(
+        self,
+        exported: Any,
+        cls: Any,
+        calibrate: Callable[[Any], None],
+        metric: Callable[[Any], float],
+        baseline: float,
+        max_drop: float,
+        configs: list[dict[str, Any]] | None,
+        max_trials: int,
+        ignored_scope: dict | None,
+    ) -> tuple[Any, dict[str, Any]]:
+        """INC's ``autotune`` over a list of configs; ``calibrate`` keeps the decode float."""
+        from neural_compressor.torch.quantization import TuningConfig, autotune
+
+        space = configs or [
+            {},
+            {"act_algo": "kl"},
+            {"act_sym": True},
+            {"w_granularity": "per_tensor"},
+        ]
+        config_set = [self._config(cls, ignored_scope, **c) for c in space]
+        tune = TuningConfig(config_set=config_set, tolerable_loss=max_drop, max_trials=max_trials)
+        try:
+            best = autotune(exported, tune, eval_fn=metric, run_fn=calibrate)
+        except TypeError as exc:
+            raise DamoError(f"INC autotune rejected a configuration: {exc}") from exc
+        if best is None:
+            raise DamoError(
+                f"INC autotune found no configuration within max_drop {max_drop} of the FP32 metric",
+                "raise --max-drop, or use more calibration data",
+            )
+        score = float(metric(best))
+        return best, {
+            "baseline": baseline,
+            "metric": score,
+            "relative_loss": (baseline - score) / baseline,
+            "configs": space,
+            "max_drop": max_drop,
+        }
+
+    def _hand_off(
+        self, artifact: ModelArtifact, quantized: Any, example: tuple, target: str, info: dict
+    ) -> ModelArtifact:
+        import torch
+
+        try:
+            program = torch.export.export(quantized, example)
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise DamoError(f"could not re-export INC's quantized model: {first[:300]}") from exc
+        if target == "openvino":
+            import openvino as ov
+
+            from damo_openvino.adapter import _name_ports, _param_count, _specs
+            from damo_openvino.graph import count_types
+
+            try:
+                model = ov.convert_model(program)
+            except Exception as exc:
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise DamoError(
+                    f"OpenVINO could not convert INC's quantized model: {first[:300]}"
+                ) from exc
+            # torch.export leaves the IR's input dimensions dynamic; pin the artifact's static
+            # shape (dynamic shapes run slower on CPU and break shape-derived inputs).
+            static = [
+                t.shape
+                for t in artifact.inputs
+                if all(isinstance(d, int) and d > 0 for d in t.shape)
+            ]
+            if len(static) == len(model.inputs) and not all(
+                p.get_partial_shape().is_static for p in model.inputs
+            ):
+                model.reshape({i: ov.PartialShape(shape) for i, shape in enumerate(static)})
+            _name_ports(model, artifact)
+            out = artifact.derive("openvino", model)
+            out.inputs, out.outputs = _specs(model.inputs), _specs(model.outputs)
+            out.meta["params"] = _param_count(model)
+            info["fake_quantize"] = count_types(model, "FakeQuantize")
+        else:
+            from damo_plugins.artifact import onnx_artifact
+
+            try:
+                onnx_program = torch.onnx.export(
+                    program,
+                    example,
+                    dynamo=True,
+                    input_names=[t.name for t in artifact.inputs],
+                    output_names=[t.name for t in artifact.outputs] or None,
+                    verbose=False,
+                )
+                proto = onnx_program.model_proto
+            except Exception as exc:
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise DamoError(
+                    f"could not export INC's quantized model to ONNX: {first[:300]}",
+                    "use target openvino, or --adapter onnxruntime for ONNX QDQ",
+                ) from exc
+            out = onnx_artifact(
+                proto, provenance=list(artifact.provenance), meta=dict(artifact.meta)
+            )
+            info["quantize_linear"] = sum(
+                1 for n in proto.graph.node if n.op_type == "QuantizeLinear"
+            )
+        out.meta["quantization"] = info
+        return out
+
+
+def _agreement_metric(module: Any, validation: Iterable[Any] | None) -> Callable[[Any], float]:
+    """Default metric: agreement of a model's outputs with the FP32 module's (1.0 for itself)."""
+    import torch
+
+    val = list(validation or [])
+    if not val:
+        raise DamoError(
+            "accuracy control (max_drop) needs validation data",
+            "give --val SRC / val: in the recipe",
+        )
+    names = list(getattr(module, "output_names", None) or [])
+
+    def outputs(model: Any) -> list[list[np.ndarray]]:
+        with torch.no_grad():
+            return [
+                [t.numpy() for t in _flat(model(*[torch.from_numpy(f) for f in as_feeds(x)]))]
+                for x in val
+            ]
+
+    refs = outputs(module)
+    return lambda model: float(
+        np.mean([fidelity(r, o, names) for r, o in zip(refs, outputs(model))])
+    )
+
+
+def _flat(out: Any) -> list[Any]:
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for o in out for t in _flat(o)]
+
+
+# ---------------------------------------------------------------- decode on FX graphs
+def _is_observer(node: Any) -> bool:
+    return node.op == "call_module" and "activation_post_process" in str(node.target)
+
+
+def fx_decode_nodes(gm: Any) -> set[Any]:
+    """FX nodes of the decode tail of an exported (possibly prepared) ``GraphModule``."""
+    import torch
+
+    aten = torch.ops.aten
+    convs = {
+        aten.conv1d.default,
+        aten.conv2d.default,
+        aten.conv3d.default,
+        aten.convolution.default,
+        aten.conv_transpose2d.input,
+    }
+    signature = {
+        aten.sigmoid.default,
+        aten.softmax.int,
+        aten._softmax.default,
+        aten.log_softmax.int,
+    }
+    shape_ops = {aten.sym_size.int}
+
+    def kind_of(node: Any) -> str:
+        if node.op == "placeholder":
+            return INPUT
+        if node.op == "get_attr":
+            return CONST
+        if node.op == "call_function":
+            if node.target in convs:
+                return STOP
+            if node.target is aten.linear.default and len(node.args) > 1:
+                w = node.args[1]
+                val = getattr(w, "meta", {}).get("val")
+                if val is not None and val.dim() == 2 and min(val.shape) > 1:
+                    return STOP
+            if node.target in signature:
+                return SIGNATURE
+            if node.target in shape_ops:
+                return SHAPE
+        return OP
+
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    return walk_decode(list(output.all_input_nodes), lambda n: list(n.all_input_nodes), kind_of)
+
+
+def strip_decode_observers(prepared: Any) -> list[str]:
+    """Remove observers on the decode tail of a prepared PT2E model (in place).
+
+    An observer goes if its input is a decode node or every consumer is one: the decode
+    then reads float tensors and ``convert`` leaves it float. Returns the decode op names.
+    """
+    decode = fx_decode_nodes(prepared)
+    graph = prepared.graph
+    for node in list(graph.nodes):
+        if not _is_observer(node) or not node.args:
+            continue
+        src = node.args[0]
+        if src in decode or (node.users and all(u in decode for u in node.users)):
+            node.replace_all_uses_with(src)
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
+    prepared.recompile()
+    return sorted(n.name for n in decode if n.op == "call_function")

@@ -1,0 +1,420 @@
+"""OpenVINO adapter: convert PyTorch/ONNX to IR, read/write IR, compile, run, benchmark.
+
+* devices are named as OpenVINO names them (``CPU``, ``GPU``, ``NPU``, ``AUTO``,
+  ``AUTO:GPU,CPU``); one that is not present here is a clear error listing those that are;
+* ``compile`` takes a performance hint (``latency`` / ``throughput``);
+* ``benchmark`` measures like ``benchmark_app`` (see :mod:`damo_plugins.passes.benchmark`);
+  throughput runs an ``AsyncInferQueue`` under the THROUGHPUT hint;
+* :meth:`OpenVINOAdapter.infer_stream` is memory-flat batched inference
+  (:mod:`damo_openvino.stream`);
+* IR is saved with FP16 weight compression when the artifact asks for it
+  (``meta["compress_to_fp16"]``, set by ``convert(..., compress_to_fp16=True)``).
+
+OpenVINO 2026 removed ``openvino.runtime``: everything is imported from ``openvino``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from damo_plugins.adapter import Adapter
+from damo_plugins.artifact import ModelArtifact, TensorSpec
+from damo_plugins.errors import DamoError, UnsupportedError
+
+_CORE: Any = None
+
+
+def core() -> Any:
+    """One ``ov.Core`` per process (creating it enumerates devices, which is slow)."""
+    global _CORE
+    if _CORE is None:
+        import openvino as ov
+
+        _CORE = ov.Core()
+    return _CORE
+
+
+class OpenVINOAdapter(Adapter):
+    name = "openvino"
+    backend = "openvino"
+    backend_distribution = "openvino"
+    formats = ("openvino",)
+    capabilities = ("convert", "compile", "run", "benchmark", "infer_stream")
+
+    def __init__(self) -> None:
+        self._compiled: dict[Any, Any] = {}
+
+    def devices(self) -> list[str]:
+        self.require_backend()
+        return list(core().available_devices)
+
+    def check_device(self, device: str) -> str:
+        """Accept a present device, or AUTO/MULTI/HETERO over present devices only."""
+        available = self.devices()
+        virtual, _, rest = device.partition(":")
+        if virtual in ("AUTO", "MULTI", "HETERO", "BATCH"):
+            wanted = [d.strip() for d in rest.split(",") if d.strip()]
+        else:
+            wanted = [device]
+        for d in wanted:
+            if d not in available and d.split(".")[0] not in available:
+                raise UnsupportedError(
+                    f"OpenVINO device '{d}' is not available on this machine",
+                    f"available here: {', '.join(available) or 'none'} (and AUTO)",
+                )
+        return device
+
+    def describe(self) -> dict[str, Any]:
+        info = super().describe()
+        if info["version"]:
+            names = {}
+            for d in info["devices"]:
+                try:
+                    names[d] = str(core().get_property(d, "FULL_DEVICE_NAME"))
+                except Exception:
+                    names[d] = "?"
+            info["device_names"] = names
+        return info
+
+    # -------------------------------------------------------------- convert
+    def convert(
+        self, artifact: ModelArtifact, compress_to_fp16: bool = False, **_: Any
+    ) -> ModelArtifact:
+        ov = self.require_backend()
+        try:
+            if artifact.format == "torch":
+                import torch
+
+                example = tuple(torch.from_numpy(f) for f in artifact.example_inputs())
+                if not example:
+                    raise DamoError(
+                        "cannot convert: the model's input shape is unknown", "give --input-shape"
+                    )
+                module = artifact.model.eval()
+                with torch.no_grad():
+                    # Static input shapes from the artifact: without ``input`` the IR gets
+                    # dynamic dimensions, which runs slower and hides static-shape folding.
+                    shapes = [
+                        ov.PartialShape(
+                            [d if isinstance(d, int) and d > 0 else -1 for d in t.shape]
+                        )
+                        for t in artifact.inputs
+                    ]
+                    model = ov.convert_model(
+                        module,
+                        example_input=example[0] if len(example) == 1 else example,
+                        input=shapes[0] if len(shapes) == 1 else shapes,
+                    )
+            elif artifact.format == "onnx":
+                model = _convert_onnx(ov, artifact)
+            elif artifact.format == "openvino":
+                return artifact.derive()
+            else:
+                raise self._unsupported(f"converting {artifact.format} models")
+        except DamoError:
+            raise
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise DamoError(f"OpenVINO could not convert the model: {first[:300]}") from exc
+        _name_ports(model, artifact)
+        out = artifact.derive("openvino", model)
+        out.meta["compress_to_fp16"] = compress_to_fp16
+        out.meta["params"] = _param_count(model)
+        out.inputs = _specs(model.inputs)
+        out.outputs = _specs(model.outputs)
+        return out
+
+    # ------------------------------------------------------------- files
+    def save(self, artifact: ModelArtifact, path: Path) -> Path:
+        """Write ``.xml`` + ``.bin`` via a temporary folder, then rename both into place."""
+        ov = self.require_backend()
+        path = Path(path)
+        tmpdir = Path(tempfile.mkdtemp(prefix=".ov-save-", dir=path.parent))
+        try:
+            tmp_xml = tmpdir / path.name
+            ov.save_model(
+                artifact.model,
+                str(tmp_xml),
+                compress_to_fp16=bool(artifact.meta.get("compress_to_fp16")),
+            )
+            shutil.move(str(tmp_xml.with_suffix(".bin")), str(path.with_suffix(".bin")))
+            shutil.move(str(tmp_xml), str(path))
+        finally:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+        return path
+
+    def load(self, path: Path) -> ModelArtifact:
+        self.require_backend()
+        path = Path(path)
+        bin_path = path.with_suffix(".bin")
+        if not bin_path.exists():
+            raise DamoError(f"OpenVINO IR {path} has no weights file {bin_path.name} beside it")
+        try:
+            model = core().read_model(str(path))
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise DamoError(
+                f"{path} is not a readable OpenVINO IR: {first[:300]}",
+                "the .xml/.bin pair may be corrupt or mismatched; convert the model again",
+            ) from exc
+        art = ModelArtifact(
+            "openvino", model, inputs=_specs(model.inputs), outputs=_specs(model.outputs)
+        )
+        art.meta["params"] = _param_count(model)
+        return art
+
+    # ----------------------------------------------------------- compile/run
+    def compile(
+        self,
+        artifact: ModelArtifact,
+        device: str = "CPU",
+        hint: str | None = None,
+        threads: int | None = None,
+        precision: str | None = "f32",
+        **config: Any,
+    ) -> Any:
+        """Compile for ``device`` with an optional ``latency``/``throughput`` hint.
+
+        ``precision`` is the inference precision of floating-point ops. It defaults to
+        ``f32``: on CPUs with AVX-512 BF16 or AMX, OpenVINO otherwise runs FP32 models in
+        bf16 (errors ~1e-3 of the output scale), which would break parity checks and make an
+        "FP32" benchmark silently bf16. ``None`` leaves the device's own default.
+        """
+        self.require_backend()
+        self.check_device(device)
+        model = artifact.model if artifact.format == "openvino" else self.convert(artifact).model
+        props = dict(config)
+        props.update(_precision_props(device, precision))
+        if hint:
+            if hint.lower() not in ("latency", "throughput", "cumulative_throughput"):
+                raise DamoError(f"unknown performance hint '{hint}'", "use latency or throughput")
+            props["PERFORMANCE_HINT"] = hint.upper()
+        if threads:
+            props["INFERENCE_NUM_THREADS"] = int(threads)
+        key = (id(model), device, tuple(sorted((k, str(v)) for k, v in props.items())))
+        cached = self._compiled.get(key)
+        if cached is not None and cached[0] is model:
+            return cached[1]
+        try:
+            compiled = core().compile_model(model, device, props)
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise DamoError(
+                f"OpenVINO could not compile the model for {device}: {first[:300]}"
+            ) from exc
+        # One entry: enough for "compile once, run many", without pinning old models.
+        self._compiled = {key: (model, compiled)}
+        return compiled
+
+    def run(
+        self, artifact: ModelArtifact, feeds: Sequence[np.ndarray], device: str = "CPU"
+    ) -> list[np.ndarray]:
+        # Verification runs in f32: on CPUs with AVX512-BF16 (Zen 4, Sapphire Rapids) the CPU
+        # plugin's default inference precision is bf16, which differs by ~1e-3.
+        compiled = self.compile(artifact, device, INFERENCE_PRECISION_HINT="f32")
+        result = compiled(list(feeds))
+        return [np.asarray(result[out]) for out in compiled.outputs]
+
+    def infer_stream(
+        self,
+        artifact: ModelArtifact,
+        items: Iterable[Any],
+        device: str = "CPU",
+        max_in_flight: int | None = None,
+        hint: str = "throughput",
+    ) -> Iterator[list[np.ndarray]]:
+        """Memory-flat batched inference: outputs of each item, in order (see ``stream``)."""
+        from damo_openvino.stream import infer_stream
+
+        compiled = self.compile(artifact, device, hint=hint)
+        return infer_stream(compiled, items, max_in_flight=max_in_flight)
+
+    # ------------------------------------------------------------- benchmark
+    def benchmark(
+        self,
+        artifact: ModelArtifact,
+        device: str = "CPU",
+        hint: str = "latency",
+        iterations: int | None = None,
+        seconds: float | None = None,
+        warmup: int = 3,
+        threads: int | None = None,
+        requests: int | None = None,
+        precision: str | None = "f32",
+        **_: Any,
+    ) -> dict[str, Any]:
+        """Latency (one request at a time) or throughput (``AsyncInferQueue``), like benchmark_app.
+
+        ``precision`` as in :meth:`compile` (``f32`` by default, ``bf16`` or ``None`` for the
+        device's default); the precision used is reported.
+        """
+        from damo_plugins.passes.benchmark import measure_latency, summarize_ms
+
+        self.require_backend()
+        self.check_device(device)
+        if hint not in ("latency", "throughput"):
+            raise DamoError(f"unknown benchmark hint '{hint}'", "use latency or throughput")
+        model = artifact.model if artifact.format == "openvino" else self.convert(artifact).model
+        props: dict[str, Any] = {
+            "PERFORMANCE_HINT": hint.upper(),
+            **_precision_props(device, precision),
+        }
+        if threads:
+            props["INFERENCE_NUM_THREADS"] = int(threads)
+        t0 = time.perf_counter()
+        try:
+            compiled = core().compile_model(model, device, props)
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise DamoError(
+                f"OpenVINO could not compile the model for {device}: {first[:300]}"
+            ) from exc
+        compile_ms = (time.perf_counter() - t0) * 1e3
+        feeds = _feeds_for(compiled, artifact)
+        base = {
+            "adapter": self.name,
+            "backend_version": self.backend_version(),
+            "device": device,
+            "hint": hint,
+            "compile_ms": compile_ms,
+            "precision": _reported_precision(compiled),
+        }
+        if hint == "latency":
+            request = compiled.create_infer_request()
+            for i, f in enumerate(feeds):
+                request.get_input_tensor(i).data[...] = f
+            stats = measure_latency(
+                request.infer, iterations=iterations, seconds=seconds, warmup=warmup
+            )
+            return {**base, "requests": 1, **stats}
+        import openvino as ov
+
+        n = int(requests or compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        queue = ov.AsyncInferQueue(compiled, n)
+        for r in range(n):
+            for i, f in enumerate(feeds):
+                queue[r].get_input_tensor(i).data[...] = f
+        latencies: list[float] = []
+        queue.set_callback(lambda req, start: latencies.append((time.perf_counter() - start) * 1e3))
+        t = time.perf_counter()
+        queue[0].infer()
+        first_ms = (time.perf_counter() - t) * 1e3
+        for _ in range(max(1, warmup) * n):
+            queue.start_async(userdata=time.perf_counter())
+        queue.wait_all()
+        latencies.clear()
+        budget = seconds if seconds is not None else (None if iterations is not None else 5.0)
+        target = iterations if iterations is not None else None
+        started = 0
+        t_start = time.perf_counter()
+        while True:
+            if target is not None and started >= target:
+                break
+            if budget is not None and time.perf_counter() - t_start >= budget and started >= n:
+                break
+            queue.start_async(userdata=time.perf_counter())
+            started += 1
+        queue.wait_all()
+        elapsed = time.perf_counter() - t_start
+        stats = summarize_ms(latencies)
+        return {
+            **base,
+            "requests": n,
+            **stats,
+            "first_inference_ms": first_ms,
+            "fps": started / elapsed,
+            "iterations": started,
+            "seconds": elapsed,
+        }
+
+
+def _convert_onnx(ov: Any, artifact: ModelArtifact) -> Any:
+    """``ov.convert_model`` takes an ONNX *file*, not a ``ModelProto``: go through one."""
+    if (
+        artifact.path is not None
+        and Path(artifact.path).suffix.lower() == ".onnx"
+        and Path(artifact.path).is_file()
+    ):
+        return ov.convert_model(str(artifact.path))
+    with tempfile.TemporaryDirectory(prefix="damo-ov-onnx-") as tmp:
+        src = Path(tmp) / "model.onnx"
+        src.write_bytes(artifact.model.SerializeToString())
+        return ov.convert_model(str(src))
+
+
+def _name_ports(model: Any, artifact: ModelArtifact) -> None:
+    """Give the IR the artifact's input/output names (PyTorch conversion loses them)."""
+    for port, spec in zip(model.inputs, artifact.inputs):
+        port.get_tensor().set_names({spec.name})
+    for port, spec in zip(model.outputs, artifact.outputs):
+        if spec.name:
+            port.get_tensor().set_names({spec.name})
+
+
+def _specs(ports: Any) -> list[TensorSpec]:
+    specs = []
+    for i, port in enumerate(ports):
+        names = port.get_names()
+        name = sorted(names)[0] if names else f"port{i}"
+        pshape = port.get_partial_shape()
+        dims: list[int | str] = [d.get_length() if d.is_static else "?" for d in pshape]
+        dtype = (
+            port.get_element_type().to_dtype().name
+            if hasattr(port.get_element_type(), "to_dtype")
+            else "float32"
+        )
+        specs.append(TensorSpec(name, dims, dtype))
+    return specs
+
+
+def _param_count(model: Any) -> int:
+    total = 0
+    for op in model.get_ordered_ops():
+        if op.get_type_name() == "Constant":
+            et = op.get_output_element_type(0)
+            if et.is_real() or et.get_type_name() in ("i8", "u8", "i4", "u4"):
+                shape = list(op.get_output_shape(0))
+                n = int(np.prod(shape)) if shape else 1
+                if n > 1:
+                    total += n
+    return total
+
+
+def _precision_props(device: str, precision: str | None) -> dict[str, Any]:
+    """``INFERENCE_PRECISION_HINT`` for real devices (virtual ones pass it on themselves)."""
+    if precision is None or device.split(":")[0].split(".")[0] not in ("CPU", "GPU", "NPU"):
+        return {}
+    return {"INFERENCE_PRECISION_HINT": precision}
+
+
+def _reported_precision(compiled: Any) -> str:
+    try:
+        value = compiled.get_property("INFERENCE_PRECISION_HINT")
+        return value.get_type_name() if hasattr(value, "get_type_name") else str(value)
+    except Exception:
+        return "?"
+
+
+def _feeds_for(compiled: Any, artifact: ModelArtifact) -> list[np.ndarray]:
+    """Seeded random inputs shaped like the compiled model's inputs (dynamic dims -> artifact's)."""
+    rng = np.random.default_rng(0)
+    feeds = []
+    for i, port in enumerate(compiled.inputs):
+        pshape = port.get_partial_shape()
+        if pshape.is_static:
+            shape = [int(d) for d in pshape.to_shape()]
+        else:
+            shape = artifact.inputs[i].concrete() if i < len(artifact.inputs) else [1]
+        dtype = port.get_element_type().to_dtype()
+        if np.issubdtype(dtype, np.floating):
+            feeds.append((rng.random(shape) * 255).astype(dtype))
+        else:
+            feeds.append(rng.integers(0, 2, shape).astype(dtype))
+    return feeds
