@@ -106,6 +106,7 @@ class BenchmarkPass(Pass):
     accepts = ("torch", "onnx", "openvino")
     produces = None
     Config = BenchmarkConfig
+    measures_only = True
     description = "latency/throughput on a device (OpenVINO, ONNX Runtime), model unchanged"
 
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
