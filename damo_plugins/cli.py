@@ -297,6 +297,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("DAMO_DEBUG") == "1"
     if not debug:
+        import logging
+
+        # Backends log internal notes (torch.export, NNCF, INC) that mean nothing to a user.
+        for name in ("torch", "nncf", "neural_compressor", "onnxscript"):
+            logging.getLogger(name).setLevel(logging.ERROR)
         warnings.formatwarning = _format_warning  # type: ignore[assignment]
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)

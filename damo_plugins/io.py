@@ -24,6 +24,11 @@ def _explain(exc: OSError, path: Path) -> DamoError:
         return DamoError(
             f"no space left while writing {path}", "free disk space or choose -o elsewhere"
         )
+    blocker = next((q for q in [path, *path.parents] if q.exists() and not q.is_dir()), None)
+    if blocker is not None and blocker != path:
+        return DamoError(
+            f"cannot write {path}: {blocker} is a file, not a folder", "choose another output path"
+        )
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return DamoError(f"cannot write {path}: permission denied", "choose a writable output path")
     return DamoError(f"cannot write {path}: {exc.strerror or exc}", "check the output path")

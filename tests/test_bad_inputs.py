@@ -105,6 +105,41 @@ def _run_recipe(text: str) -> Callable[[Path], Any]:
     return call
 
 
+EVIL_STRUCTURE = "__import__('os').system('touch pwned')"
+STEM_NO_OUT = "[{'class': 'ConvKXBNRELU', 'in': 3, 's': 1, 'k': 3}]"
+STEM_NEG = "[{'class': 'ConvKXBNRELU', 'in': 3, 'out': -32, 's': 1, 'k': 3}]"
+
+
+def _parse_structure(text: str) -> Any:
+    from damo_plugins.models.structure import parse_structure
+
+    return parse_structure(text)
+
+
+def _mkdir(tmp: Path, name: str) -> Path:
+    p = tmp / name
+    p.mkdir()
+    return p
+
+
+def _bad_images(tmp: Path, name: str) -> Path:
+    folder = _mkdir(tmp, name)
+    (folder / "broken.jpg").write_bytes(b"this is not a JPEG")
+    return folder
+
+
+def _calibration(folder: Path) -> Any:
+    from damo_plugins.data.calibration import resolve_calibration
+
+    return list(resolve_calibration(str(folder), input_shape=[1, 3, 64, 64]))
+
+
+def _adapter(name: str) -> Any:
+    from damo_plugins.manager import get_manager
+
+    return get_manager().get_adapter(name)
+
+
 CASES = [
     Case(
         "missing-file",
@@ -215,6 +250,73 @@ CASES = [
         _load(lambda t: "damo-yolo-xxl"),
     ),
     Case(
+        "structure-not-literal",
+        "NAS structure that is code, not a literal",
+        lambda t: ["nas", "score", str(_write(t, "s.txt", EVIL_STRUCTURE))],
+        "neither JSON nor a Python literal",
+        lambda t: _parse_structure(EVIL_STRUCTURE),
+    ),
+    Case(
+        "structure-missing-key",
+        "NAS structure block without 'out'",
+        lambda t: ["nas", "score", str(_write(t, "s.txt", STEM_NO_OUT))],
+        "missing key(s) out",
+        lambda t: _parse_structure(STEM_NO_OUT),
+    ),
+    Case(
+        "structure-negative",
+        "NAS structure with negative channels",
+        lambda t: ["nas", "score", str(_write(t, "s.txt", STEM_NEG))],
+        "'out' must be positive",
+        lambda t: _parse_structure(STEM_NEG),
+    ),
+    Case(
+        "calibration-empty",
+        "calibration folder without images",
+        lambda t: [
+            "quantize",
+            "tiny-cnn",
+            "--adapter",
+            "nncf",
+            "--calib",
+            str(_mkdir(t, "calib")),
+            "-o",
+            str(t / "q"),
+        ],
+        "holds no images",
+        lambda t: _calibration(_mkdir(t, "calib2")),
+    ),
+    Case(
+        "calibration-undecodable",
+        "calibration image that does not decode",
+        lambda t: [
+            "quantize",
+            "tiny-cnn",
+            "--adapter",
+            "nncf",
+            "--calib",
+            str(_bad_images(t, "calib")),
+            "-o",
+            str(t / "q"),
+        ],
+        "cannot decode calibration image",
+        lambda t: _calibration(_bad_images(t, "calib2")),
+    ),
+    Case(
+        "unknown-adapter",
+        "an adapter nobody installed",
+        lambda t: ["bench", "tiny-cnn", "--adapter", "tensorrt"],
+        "unknown adapter 'tensorrt'",
+        lambda t: _adapter("tensorrt"),
+    ),
+    Case(
+        "unsupported-device",
+        "a device this machine does not have",
+        lambda t: ["bench", "tiny-cnn", "--adapter", "openvino", "--device", "NPU"],
+        "'NPU' is not available",
+        lambda t: _adapter("openvino").check_device("NPU"),
+    ),
+    Case(
         "unwritable-output",
         "output below a regular file",
         lambda t: ["export", "tiny-cnn", "-o", str(_write(t, "f", "x") / "m.onnx")],
@@ -255,6 +357,7 @@ def test_cli(case: Case, tmp_path: Path) -> None:
     assert_clean_error(proc, case.expect, code=case.code)
     changed = {k for k in before if before[k] != after.get(k)}
     assert not changed, f"input files changed: {changed}"
+    assert not (tmp_path / "pwned").exists()
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.api], ids=[c.id for c in CASES if c.api])

@@ -121,7 +121,7 @@ class OpenVINOAdapter(Adapter):
         except DamoError:
             raise
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = ov_message(exc)
             raise DamoError(f"OpenVINO could not convert the model: {first[:300]}") from exc
         _name_ports(model, artifact)
         out = artifact.derive("openvino", model)
@@ -159,7 +159,7 @@ class OpenVINOAdapter(Adapter):
         try:
             model = core().read_model(str(path))
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = ov_message(exc)
             raise DamoError(
                 f"{path} is not a readable OpenVINO IR: {first[:300]}",
                 "the .xml/.bin pair may be corrupt or mismatched; convert the model again",
@@ -205,7 +205,7 @@ class OpenVINOAdapter(Adapter):
         try:
             compiled = core().compile_model(model, device, props)
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = ov_message(exc)
             raise DamoError(
                 f"OpenVINO could not compile the model for {device}: {first[:300]}"
             ) from exc
@@ -272,7 +272,7 @@ class OpenVINOAdapter(Adapter):
         try:
             compiled = core().compile_model(model, device, props)
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = ov_message(exc)
             raise DamoError(
                 f"OpenVINO could not compile the model for {device}: {first[:300]}"
             ) from exc
@@ -333,6 +333,17 @@ class OpenVINOAdapter(Adapter):
             "iterations": started,
             "seconds": elapsed,
         }
+
+
+def ov_message(exc: BaseException) -> str:
+    """The informative line of an OpenVINO exception.
+
+    OpenVINO prefixes its messages with source locations (``Exception from
+    src/inference/...``, ``Check '...' failed at ...``); the cause is the last line.
+    """
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(("Exception from", "Check '"))]
+    return (useful or lines or [type(exc).__name__])[-1][:300]
 
 
 def _convert_onnx(ov: Any, artifact: ModelArtifact) -> Any:
