@@ -14,6 +14,9 @@ Three built-in sources, registered through the ``calibration`` entry point like 
     ``[C, H, W]``/``[1, C, H, W]``, or a stack ``[N, C, H, W]``).
 ``generated``
     Seeded synthetic images (smooth colour fields plus noise) for smoke runs and tests.
+``synthetic``
+    Images of the project's synthetic detection data set (what the embedded demo model was
+    trained on), rendered in memory: representative calibration data for that model.
 
 Every source returns a :class:`CalibrationSet`: a *lazy*, re-iterable sequence of arrays
 shaped ``[1, C, H, W]``. Lazy because a few hundred decoded 640-px images take ~1.5 GB;
@@ -273,6 +276,37 @@ def generated_images(
     return CalibrationSet(f"generated:{n}", n, load)
 
 
+# ------------------------------------------------------------------- synthetic
+def synthetic_images(
+    count: int = 64,
+    *,
+    input_shape: Sequence[int] | None = None,
+    seed: int = 0,
+    size: int | None = None,
+    resize: str = "letterbox",
+) -> CalibrationSet:
+    """Images of the project's synthetic detection set (train split), rendered in memory.
+
+    The embedded demo model was trained on this data, so these are *representative*
+    calibration images for it — unlike ``generated``, which only exercises value ranges.
+    Preprocessed exactly as training and evaluation do (top-left letterbox, zero padding).
+    """
+    from PIL import Image
+
+    from damo_plugins.data.synthetic import render_image
+
+    c, h, w = _chw(input_shape, "synthetic")
+    n = _count(size if size is not None else count, "synthetic") or 64
+    if resize not in RESIZE_MODES:
+        raise DamoError(f"unknown resize mode '{resize}'", f"one of {', '.join(RESIZE_MODES)}")
+
+    def load(i: int) -> np.ndarray:
+        pixels, _ = render_image(seed, "train", i)
+        return preprocess(Image.fromarray(pixels), (h, w), resize=resize)
+
+    return CalibrationSet(f"synthetic:{n}", n, load)
+
+
 # --------------------------------------------------------------------- resolve
 def resolve_calibration(
     spec: Any,
@@ -350,4 +384,9 @@ def resolve_calibration(
 
 @hookimpl
 def damo_calibration_sources() -> dict[str, Callable[..., Any]]:
-    return {"images": read_images, "numpy": read_numpy, "generated": generated_images}
+    return {
+        "images": read_images,
+        "numpy": read_numpy,
+        "generated": generated_images,
+        "synthetic": synthetic_images,
+    }
