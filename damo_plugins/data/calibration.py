@@ -295,7 +295,7 @@ def synthetic_images(
 
     from damo_plugins.data.synthetic import render_image
 
-    c, h, w = _chw(input_shape, "synthetic")
+    _, h, w = _chw(input_shape, "synthetic")
     n = _count(size if size is not None else count, "synthetic") or 64
     if resize not in RESIZE_MODES:
         raise DamoError(f"unknown resize mode '{resize}'", f"one of {', '.join(RESIZE_MODES)}")
