@@ -7,6 +7,8 @@ description of the machine. Run: ``python benchmarks/collect.py``.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import platform
 import re
 import subprocess
@@ -32,12 +34,8 @@ def machine() -> str:
     ]
     versions = []
     for dist in ("torch", "onnxruntime", "openvino", "nncf", "neural-compressor"):
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             versions.append(f"{dist} {metadata.version(dist)}")
-        except metadata.PackageNotFoundError:
-            pass
-    import os
-
     return (
         f"- CPU: {model.group(1).strip() if model else platform.processor()}, "
         f"{os.cpu_count()} logical cores; ISA: {', '.join(isa) or 'unknown'}\n"
