@@ -23,7 +23,7 @@ from damo_plugins.manager import get_manager
 from damo_plugins.pipeline import RunResult, run
 
 #: the embedded model, inside the package (``damo_plugins/assets``)
-EMBEDDED = "damo-yolo-t-synth.pt"
+EMBEDDED = "damo-yolo-nano-synth.pt"
 
 
 def embedded_checkpoint() -> Path | None:
@@ -46,7 +46,7 @@ def demo_recipe(quick: bool = False) -> dict[str, Any]:
         size = 160 if quick else 256
         recipe = {
             "model": "damo-yolo-t",
-            "model_args": {"width": 0.25, "num_classes": 8},
+            "model_args": {"width": 0.25, "num_classes": 6},
             "input_shape": [1, 3, size, size],
         }
     recipe["steps"] = [

@@ -79,29 +79,38 @@ def train(
     if img_size % 32:
         raise DamoError(f"image size must be a multiple of 32, got {img_size}")
     state = None
+    previous: dict[str, Any] = {}
+    if not resume and (out / "last.pt").exists():
+        raise DamoError(
+            f"{out} already holds a training run", "use --resume to continue it, or another -o"
+        )
     if resume:
         state = load_train_state(out / "last.pt")
         stored = dict(state.get("config") or {})
-        stored.update(
-            {k: v for k, v in config.items() if k in ("epochs", "progress", "max_minutes")}
-        )
+        keep = ("epochs", "progress", "max_minutes", "log_every")
+        stored.update({k: v for k, v in config.items() if k in keep})
         config = stored
+        # the architecture (with its arguments) comes from the checkpoint, the data from run.json
+        model = str(out / "last.pt")
+        previous = _read_run_info(out)
+        if data is None and previous.get("data"):
+            data = previous["data"]
+        img_size = int(previous.get("img_size", img_size))
     data = Path(data) if data is not None else out / "data"
+    seed = int(config.get("seed", 0))
     if generate and not (data / "train.json").exists():
         from damo_plugins.data.synthetic import generate as gen
 
         log(f"generating the synthetic data set in {data} ...")
-        gen(data, train=generate_counts[0], val=generate_counts[1], seed=int(config.get("seed", 0)))
-    train_set, val_set = data_splits(data, img_size, seed=int(config.get("seed", 0)))
+        gen(data, train=generate_counts[0], val=generate_counts[1], seed=seed)
+    train_set, val_set = data_splits(data, img_size, seed=seed)
     try:
         cfg = TrainConfig(**config)
     except TypeError as exc:
         raise DamoError(f"unknown training option: {exc}") from None
-    kwargs = dict(
-        DEFAULT_MODEL_ARGS if model_args is None and model == DEFAULT_MODEL else (model_args or {})
-    )
-    is_file = Path(model).suffix in (".pt", ".pth")
-    if not is_file:
+    default = model_args is None and model == DEFAULT_MODEL
+    kwargs = dict(DEFAULT_MODEL_ARGS if default else (model_args or {}))
+    if Path(model).suffix not in (".pt", ".pth"):
         kwargs.setdefault("num_classes", train_set.num_classes)
     art = load_model(model, input_shape=[1, 3, img_size, img_size], model_args=kwargs)
     net = art.model
@@ -115,23 +124,22 @@ def train(
     if state is not None:
         log(f"resuming from {out / 'last.pt'} at epoch {state['epoch']}")
     out.mkdir(parents=True, exist_ok=True)
-    meta_arch = dict(art.arch) if art.arch else None
-    res = fit(
-        net, train_set, cfg, val_set=val_set, output=out, arch=meta_arch, resume=state, log=log
-    )
-    write_run_info(
-        out,
-        {
-            "model": model,
-            "model_args": kwargs,
-            "img_size": img_size,
-            "data": str(data),
-            "config": asdict(cfg),
-            "best_mAP": res.best_map,
-            "seconds": round(res.seconds, 1),
-        },
-    )
+    arch = dict(art.arch) if art.arch else None
+    info = {"model": model, "model_args": kwargs, "img_size": img_size, "data": str(data)}
+    if state is not None:
+        info.update({k: previous[k] for k in ("model", "model_args") if k in previous})
+    write_run_info(out, info)
+    res = fit(net, train_set, cfg, val_set=val_set, output=out, arch=arch, resume=state, log=log)
+    info.update({"config": asdict(cfg), "best_mAP": res.best_map, "seconds": round(res.seconds, 1)})
+    write_run_info(out, info)
     return TrainResult(out, res.best_map, res.history, res.seconds, res.model)
+
+
+def _read_run_info(out: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads((out / "run.json").read_text()))
+    except (OSError, ValueError):
+        return {}
 
 
 def write_run_info(out: Path, info: Mapping[str, Any]) -> None:
@@ -151,6 +159,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
             model_args[key] = json.loads(value)
         except ValueError:
             model_args[key] = value
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(max(1, args.threads))
     if args.data is None and not args.generate and not args.resume:
         raise DamoError("no training data given", "pass --data DIR (COCO layout) or --generate")
     res = train(
@@ -207,4 +219,9 @@ def damo_cli(subparsers: Any) -> None:
     p.add_argument("-o", "--output", default="runs/train", help="run folder")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch intra-op threads (1 is fastest on a busy, shared machine)",
+    )
     p.set_defaults(func=_cmd_train)

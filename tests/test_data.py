@@ -80,7 +80,7 @@ def test_loader_preprocessing_and_augmentation(synth):
         or len(boxes2) > 0
     )
     assert torch.allclose(boxes2[:, 1], info["scale"] * w - boxes[:, 3], atol=1e-3)
-    images, targets, infos = collate([aug[i] for i in range(3)])
+    images, targets, _ = collate([aug[i] for i in range(3)])
     assert images.shape == (3, 3, 128, 128) and len(targets) == 3
     for t in targets:
         assert bool((t[:, 1:] >= 0).all() and (t[:, 1:] <= 128).all())
