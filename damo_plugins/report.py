@@ -29,12 +29,15 @@ def _verification(v: Mapping[str, Any] | None) -> str:
         return "—"
     status = "ok" if v.get("passed") else "FAILED"
     parts = [status]
-    if "max_rel" in v:
-        parts.append(f"rel {v['max_rel']:.1e}")
-    if "max_abs" in v:
-        parts.append(f"abs {v['max_abs']:.1e}")
-    if "cosine" in v and "max_rel" not in v:
-        parts.append(f"cos {v['cosine']:.4f}")
+    if "tolerance" in v:  # a parity check: the numbers must not change
+        parts.append(f"rel {v['max_rel']:.1e}, abs {v['max_abs']:.1e}")
+    else:  # a pass that changes numbers on purpose (e.g. INT8): what it promises instead
+        cos = v.get("cosine_min", v.get("cosine"))
+        if isinstance(cos, (int, float)):
+            parts.append(f"cos {cos:.4f}")
+        agree = v.get("top_detection_agreement")
+        if isinstance(agree, (int, float)):
+            parts.append(f"top-det. {agree:.2f}")
     return ", ".join(parts)
 
 
