@@ -70,6 +70,8 @@ class ModelArtifact:
     arch: dict[str, Any] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    #: ONNX Runtime session of ``model`` (built on first ``run``; keyed by the model object)
+    _session: tuple[int, Any] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -133,7 +135,9 @@ class ModelArtifact:
         if self.format == "onnx":
             from damo_plugins.onnx_utils import ort_session
 
-            sess = ort_session(self.model)
+            if self._session is None or self._session[0] != id(self.model):
+                self._session = (id(self.model), ort_session(self.model))
+            sess = self._session[1]
             names = [i.name for i in sess.get_inputs()]
             if len(feeds) != len(names):
                 raise DamoError(f"the model takes {len(names)} input(s), got {len(feeds)}")
