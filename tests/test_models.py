@@ -81,7 +81,7 @@ def test_output_shapes_and_decode(tiny_t: torch.nn.Module) -> None:
 
 def test_decode_matches_reference_math(tiny_t: torch.nn.Module) -> None:
     """Boxes = anchor -/+ expectation over bins x stride (anchors at cell corners)."""
-    x = torch.rand(1, 3, 128, 128)
+    x = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         cls, reg, points, strides = tiny_t.raw_outputs(x)
         scores, boxes = tiny_t(x)
@@ -90,7 +90,9 @@ def test_decode_matches_reference_math(tiny_t: torch.nn.Module) -> None:
     assert points[0, 17].tolist() == [8.0, 8.0, 8.0, 8.0]  # row 1, column 1 of stride 8
     dist = (reg.softmax(-1) * torch.arange(17.0)).sum(-1) * strides
     want = torch.cat([points[..., :2] - dist[..., :2], points[..., 2:] + dist[..., 2:]], -1)
-    torch.testing.assert_close(boxes, want)
+    # Boxes are ~100 px; the head sums the bins in another order (float32), so compare in
+    # pixels: 1e-4 px is far below anything that matters, and above float32 rounding here.
+    torch.testing.assert_close(boxes, want, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(scores, cls.sigmoid())
 
 
