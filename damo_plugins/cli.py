@@ -48,12 +48,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def load_model_from_args(args: argparse.Namespace) -> Any:
-    from damo_plugins.artifact import load_model
-    from damo_plugins.manager import get_manager
-
+def parse_model_args(items: Sequence[str]) -> dict[str, Any]:
+    """``--model-arg KEY=VALUE`` options -> builder kwargs (values parsed as JSON if they can be)."""
     kwargs: dict[str, Any] = {}
-    for item in args.model_arg:
+    for item in items:
         if "=" not in item:
             raise DamoError(f"--model-arg '{item}' is not KEY=VALUE")
         key, value = item.split("=", 1)
@@ -61,6 +59,14 @@ def load_model_from_args(args: argparse.Namespace) -> Any:
             kwargs[key] = json.loads(value)
         except ValueError:
             kwargs[key] = value
+    return kwargs
+
+
+def load_model_from_args(args: argparse.Namespace) -> Any:
+    from damo_plugins.artifact import load_model
+    from damo_plugins.manager import get_manager
+
+    kwargs = parse_model_args(args.model_arg)
     return load_model(
         args.model,
         manager=get_manager(),

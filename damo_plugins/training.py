@@ -150,15 +150,9 @@ def write_run_info(out: Path, info: Mapping[str, Any]) -> None:
 
 # ------------------------------------------------------------------------------ CLI
 def _cmd_train(args: argparse.Namespace) -> int:
-    model_args: dict[str, Any] = {}
-    for item in args.model_arg:
-        if "=" not in item:
-            raise DamoError(f"--model-arg '{item}' is not KEY=VALUE")
-        key, value = item.split("=", 1)
-        try:
-            model_args[key] = json.loads(value)
-        except ValueError:
-            model_args[key] = value
+    from damo_plugins.cli import parse_model_args
+
+    model_args = parse_model_args(args.model_arg)
     if args.threads:
         import torch
 

@@ -18,16 +18,7 @@ from damo_plugins.models.damo_yolo import (
 )
 from damo_plugins.models.structure import dumps_text
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these tensors are small, and on a shared, oversubscribed machine
-    two spinning threads made element-wise ops ~100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Official figures (params in M, GFLOPs = 2 x MACs at 640x640): unfused, fused.
 OFFICIAL = {

@@ -15,15 +15,7 @@ from damo_plugins.passes.base import PassContext
 from damo_plugins.passes.export import export_onnx
 from damo_plugins.passes.reparam import ReparamPass, reparameterize
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these tensors are small, and on a shared, oversubscribed machine
-    two spinning threads made element-wise ops ~100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
