@@ -15,7 +15,14 @@ from damo_plugins.errors import DamoError
 from damo_plugins.models.structure import dumps_text, parse_structure
 from damo_plugins.nas.analysis import analyzer_for, join, split
 from damo_plugins.nas.backbone import PlainBackbone
-from damo_plugins.nas.latency import LatencyTable, profile, spearman
+from damo_plugins.nas.latency import (
+    Calibration,
+    LatencyTable,
+    fit_calibration,
+    measure_backbones,
+    profile,
+    spearman,
+)
 from damo_plugins.nas.score import entropy_scores, madnas_structure
 from damo_plugins.nas.search import Budgets, Search, SearchConfig
 from damo_plugins.nas.space import SearchSpace, round8
@@ -139,25 +146,101 @@ def test_split_join_roundtrip() -> None:
 
 
 # ------------------------------------------------------------------------ FLOPs / params
-def _count(net: torch.nn.Module, x: torch.Tensor) -> int:
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        net(x)
-    return counter.get_total_flops()
+def _torch_counts(structure: list[dict], res: int, focus: bool, deploy: bool, **kw) -> tuple:
+    """FLOPs (``FlopCounterMode``, 2 x MACs) and params of the backbone the builder makes.
+
+    With Focus it is ``build_damo_yolo(...).backbone`` itself; without, the same backbone with
+    its Focus stem swapped for a plain conv (``detector_backbone``). Built on the meta device:
+    shapes only, no weights to initialise and no arithmetic, so each check takes milliseconds.
+    """
+    from damo_plugins.models.damo_yolo import build_damo_yolo
+    from damo_plugins.nas.backbone import detector_backbone
+
+    with torch.device("meta"):
+        if focus:
+            net = build_damo_yolo(structure, deploy=deploy, **kw).backbone.eval()
+            mine = detector_backbone(structure, deploy=deploy)
+            assert [p.shape for p in mine.parameters()] == [p.shape for p in net.parameters()]
+        else:
+            net = detector_backbone(structure, focus=False, deploy=deploy).eval()
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            net(torch.zeros(1, 3, res, res))
+    return counter.get_total_flops(), sum(p.numel() for p in net.parameters())
+
+
+def _assert_exact(structure: list[dict], res: int, focus: bool, deploy: bool, **kw) -> None:
+    an, genome = analyzer_for(structure, res, focus, deploy)
+    m = an.metrics(genome)
+    assert (m.flops, m.params) == _torch_counts(structure, res, focus, deploy, **kw)
 
 
 @pytest.mark.parametrize(
-    ("name", "res", "focus"), [("t", 64, True), ("m", 64, True), ("s", 65, False)]
+    ("name", "res", "focus", "deploy"),
+    [
+        ("t", 64, True, True),
+        ("t", 65, False, False),
+        ("s", 96, True, False),
+        ("s", 64, False, True),
+        ("m", 64, True, True),
+        ("m", 96, True, False),
+        ("m", 65, False, True),
+    ],
 )
-def test_analytic_flops_params_equal_torch(name: str, res: int, focus: bool) -> None:
-    st = resolve_structure(name)
-    an, genome = analyzer_for(st, res, focus)
-    m = an.metrics(genome)
-    net = PlainBackbone(st, focus=focus).eval()
-    assert m.flops == _count(net, torch.zeros(1, 3, res, res))
-    assert m.params == sum(p.numel() for p in net.parameters())
-    assert m.layers == sum(isinstance(x, torch.nn.Conv2d) for x in net.modules()) - sum(
-        u.proj is not None for blk in net.blocks[1:] for u in blk
-    )
+def test_analytic_flops_params_equal_builder_backbone(
+    name: str, res: int, focus: bool, deploy: bool
+) -> None:
+    """DAMO-YOLO T/S/M as their presets build them: res + SPP (T, S), CSP + SPP (M)."""
+    _assert_exact(resolve_structure(name), res, focus, deploy, preset=name)
+
+
+@pytest.mark.parametrize("kind", ["k1kx", "kxkx"])
+def test_analytic_flops_params_equal_builder_on_random_structures(kind: str) -> None:
+    space = SearchSpace(kind, kernels=(3, 5))
+    for seed in range(10):
+        res, focus, deploy = (64, 96, 128)[seed % 3], seed % 2 == 0, seed % 4 < 2
+        an, init = space.bind(resolve_structure("init"), res, focus)
+        genome = init
+        rng = random.Random(seed)
+        for _ in range(rng.randint(5, 40)):
+            genome = space.mutate(genome, rng)
+        _assert_exact(join(an.bp, genome), res, focus, deploy)
+
+
+def test_analytic_flops_params_exact_on_unusual_layouts() -> None:
+    """Corners of both layouts: a stride-1 block right after the stem (its own CSP stage with
+    a downsampler), a stride-2 kxkx block with L=1 (a CSP stage without units), a stride-1
+    block joining a CSP stage with other widths (shortcut projection), a k1kx block inside
+    the CSP layout, odd half-widths, kernel 5, a stem with s=2 (ignored by Focus)."""
+    csp = [
+        {"class": STEM, "in": 3, "out": 16, "s": 1, "k": 3},
+        {"class": KXKX, "in": 16, "out": 16, "s": 1, "k": 3, "L": 1, "btn": 8},
+        {"class": KXKX, "in": 16, "out": 32, "s": 2, "k": 3, "L": 1, "btn": 8},
+        {"class": KXKX, "in": 32, "out": 50, "s": 1, "k": 5, "L": 2, "btn": 16},
+        {"class": K1KX, "in": 50, "out": 64, "s": 2, "k": 3, "L": 3, "btn": 16},
+        {"class": KXKX, "in": 64, "out": 64, "s": 2, "k": 5, "L": 2, "btn": 16},
+    ]
+    res = [
+        {"class": STEM, "in": 3, "out": 16, "s": 2, "k": 3},
+        {"class": K1KX, "in": 16, "out": 24, "s": 1, "k": 3, "L": 2, "btn": 8},
+        {"class": K1KX, "in": 24, "out": 32, "s": 2, "k": 5, "L": 1, "btn": 8},
+        {"class": K1KX, "in": 32, "out": 48, "s": 2, "k": 3, "L": 2, "btn": 16},
+        {"class": K1KX, "in": 48, "out": 48, "s": 2, "k": 3, "L": 1, "btn": 16},
+        {"class": K1KX, "in": 48, "out": 66, "s": 2, "k": 3, "L": 3, "btn": 16},
+    ]
+    for structure in (csp, res):
+        for r, focus, deploy in ((66, True, True), (66, True, False), (65, False, True)):
+            _assert_exact(structure, r, focus, deploy)
+
+
+def test_layers_count_the_structures_main_path() -> None:
+    """MAE-NAS's layer count: the stem plus two convs per residual unit (T: 19)."""
+    for name, layers in (("t", 19), ("s", 25), ("m", 35)):
+        an, genome = analyzer_for(resolve_structure(name))
+        assert an.layers(genome) == layers
+    net = PlainBackbone(tiny())
+    assert analyzer_for(tiny(), 64)[0].layers(split(tiny())[1]) == sum(
+        isinstance(x, torch.nn.Conv2d) for x in net.modules()
+    ) - sum(u.proj is not None for blk in net.blocks[1:] for u in blk)
 
 
 def test_odd_resolution_with_focus_is_an_error() -> None:
@@ -292,6 +375,75 @@ def test_profile_measures_real_ops(backend: str) -> None:
     table = profile(keys, backend=backend, threads=1, repeats=3, warmup=1)
     assert set(table.entries) == set(keys)
     assert all(v >= 0 for v in table.entries.values()) and table.overhead_ms > 0
+
+
+def test_fit_calibration_recovers_known_coefficients() -> None:
+    rng = random.Random(0)
+    sums = [rng.uniform(5, 80) for _ in range(8)]
+    convs = [rng.randint(10, 60) for _ in range(8)]
+    measured = [1.7 * t + 0.08 * n + 3.0 for t, n in zip(sums, convs)]
+    assert fit_calibration(sums, convs, measured) == pytest.approx((1.7, 0.08, 3.0), rel=1e-9)
+    # data an unconstrained fit explains with a negative offset: the cost stays >= 0, and
+    # the fit is then the best one without it (here: scale and per-conv cost only)
+    measured = [2.0 * t + 0.1 * n - 1.0 for t, n in zip(sums, convs)]
+    scale, per_conv, offset = fit_calibration(sums, convs, measured)
+    assert offset == 0.0 and scale > 0 and per_conv >= 0
+    with pytest.raises(DamoError, match="at least 3"):
+        fit_calibration(sums[:2], convs[:2], measured[:2])
+
+
+def test_calibrated_table_predicts_with_coefficients_and_roundtrips(tmp_path: Path) -> None:
+    an, g = analyzer_for(tiny(), 64, True)
+    ops = an.ops(g)
+    table = LatencyTable("torch", "CPU", 1, 0.05, {op[:5]: 0.1 for op in ops})
+    raw, convs, _ = table.table_sum(ops)
+    assert convs == sum(op[6] for op in ops) and raw == pytest.approx(0.1 * convs)
+    table.calibration = Calibration(1.5, 0.02, 0.3, structures=5)
+    assert table.predict(an, g) == pytest.approx(1.5 * raw + 0.02 * convs + 0.3)
+    assert table.predict_uncalibrated(an, g) == pytest.approx(0.05 + raw)
+    again = LatencyTable.load(table.save(tmp_path / "lat.json"))
+    assert again.calibration == table.calibration
+    assert again.predict(an, g) == pytest.approx(table.predict(an, g))
+    data = json.loads((tmp_path / "lat.json").read_text())
+    data["calibration"]["offset_ms"] = -1
+    (tmp_path / "neg.json").write_text(json.dumps(data))
+    with pytest.raises(DamoError, match="offset_ms"):
+        LatencyTable.load(tmp_path / "neg.json")
+
+
+def test_profile_calibrate_predict_smoke(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``nas profile --calibrate`` on a tiny space (torch backend), then ``nas score`` uses it."""
+    from damo_plugins.cli import main
+
+    st = tmp_path / "tiny.json"
+    st.write_text(json.dumps(tiny()))
+    out = tmp_path / "lat.json"
+    common = ["--resolution", "32", "--init", str(st)]
+    argv = ["nas", "profile", "--backend", "torch", "--threads", "1", "--samples", "2"]
+    assert main([*argv, "--calibrate", "3", "--repeats", "3", *common, "-o", str(out)]) == 0
+    table = LatencyTable.load(out)
+    cal = table.calibration
+    assert (
+        cal is not None and cal.structures == 3 and len(table.meta["calibration_measured_ms"]) == 3
+    )
+    assert min(cal.scale, cal.per_conv_ms, cal.offset_ms) >= 0 and cal.mean_rel_error is not None
+    capsys.readouterr()
+    score = ["nas", "score", str(st), "--json", "--alpha", "1,1,1", "--latency-table", str(out)]
+    assert main([*score, "--resolution", "32"]) == 0
+    an, g = analyzer_for(tiny(), 32, True)
+    raw, convs, _ = table.table_sum(an.ops(g))
+    got = json.loads(capsys.readouterr().out)["latency_ms"]
+    assert got == pytest.approx(cal.scale * raw + cal.per_conv_ms * convs + cal.offset_ms)
+    with pytest.raises(SystemExit):  # argparse: 2 backbones are too few to fit 3 coefficients
+        main([*argv, "--calibrate", "2", *common, "-o", str(out)])
+    assert "at least 3 backbones" in capsys.readouterr().err
+
+
+def test_measure_backbones_openvino_times_the_builder_backbone() -> None:
+    ms = measure_backbones([tiny(), tiny(KXKX)], 32, backend="openvino", threads=1, repeats=3)
+    assert len(ms) == 2 and all(0 < m < 1000 for m in ms)
 
 
 def test_spearman() -> None:

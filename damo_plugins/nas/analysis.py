@@ -6,22 +6,36 @@ image channels) and a compact, hashable *genome*: one ``(out, btn, k, L)`` tuple
 (the stem stores ``btn=0, L=1``). Everything the search needs is computed from the genome by
 walking the list of convolutions the backbone performs.
 
-The convolutions are those of DAMO-YOLO's plain ``TinyNAS_res`` layout (what
-:class:`damo_plugins.nas.backbone.PlainBackbone` builds and the FLOPs test checks against
-``torch.utils.flop_counter``):
+Those convolutions are exactly the ones of the backbone DAMO-YOLO's model builder
+(:mod:`damo_plugins.models.backbone`) makes of the structure, so params and FLOPs equal
+``sum(p.numel())`` and ``torch.utils.flop_counter`` on it, to the integer (a test checks
+T, S, M and random structures of both spaces):
 
-* an optional Focus (space-to-depth) halves the resolution and gives the stem 4x the
-  image channels;
-* the stem is a k x k convolution;
-* a block is ``L`` residual units; a unit is conv1 (1x1 for ``k1kx``, k x k for ``kxkx``)
-  into ``btn`` channels, then a k x k conv2 into ``out`` channels (the block's stride sits on
-  the first unit's conv2). A stride-1 first unit whose channels change adds a 1x1 shortcut
-  projection; a stride-2 first unit has no shortcut (as in DAMO-YOLO).
+* Focus (space-to-depth) gives the stem 4x the image channels at half the resolution; the
+  stem is a k x k conv of stride 1 (the builder's Focus ignores the stem's ``s``). Without
+  Focus (``focus=False``, the bare structure) the stem is a k x k conv of stride ``s`` on the
+  image.
+* A residual unit is conv1 (1x1 for ``k1kx``, k x k for ``kxkx``) into ``btn`` channels, then
+  a k x k RepConv into the unit's output (carrying the stride). A stride-1 unit whose
+  channels change adds a 1x1 shortcut projection; a stride-2 unit has no shortcut.
+* ``res`` layout (no ``kxkx`` block: DAMO-YOLO T, S): block after block, ``L`` units each;
+  an SPP (1x1 to half width, max-pools 5/9/13, concat, 1x1 back) follows the first unit of
+  the last block.
+* ``csp`` layout (any ``kxkx`` block: M): each stride-2 block opens a CSP stage (a stride-1
+  block joins the stage before it, except right after the stem). A stage is a 3x3 stride-2
+  downsampler to ``2 * (out // 2)`` channels (it replaces one of the opening block's ``L``
+  units), SPP in the last stage, then - if any units are left - a 1x1 ``conv_start`` to half
+  width, the units at half width (``out // 2`` of their block), a 1x1 ``conv_shortcut`` and
+  a 1x1 ``conv_fuse`` of the concatenation.
+
+By default the numbers are those of the *deployed* backbone (``deploy=True``: each RepConv
+is one biased conv), what runs at inference and what budgets are about; ``deploy=False``
+counts the training-time network (RepConv = k x k and 1x1 branches, each with BatchNorm).
+Every other conv has a BatchNorm (2 params per channel), as the builder makes them.
 
 FLOPs follow ``torch.utils.flop_counter``: 2 x multiply-accumulates of the convolutions
-(DAMO-YOLO's papers quote multiply-accumulates as "FLOPs", i.e. half of these numbers).
-Params count conv weights plus BatchNorm's weight and bias. SPP, which DAMO-YOLO appends to
-the last stage, is not part of the searched structure and is not counted.
+(pooling, BN, activations, adds and concatenations count 0; DAMO-YOLO's papers quote
+multiply-accumulates as "FLOPs", i.e. half of these numbers).
 """
 
 from __future__ import annotations
@@ -35,8 +49,13 @@ from damo_plugins.models.structure import K1KX, KXKX, STEM, Structure, validate_
 #: one block of a genome: (out channels, bottleneck channels, kernel, depth L)
 Gene = tuple[int, int, int, int]
 Genome = tuple[Gene, ...]
-#: one convolution: (in ch, out ch, kernel, stride, input size, output size, repeat count)
-ConvOp = tuple[int, int, int, int, int, int, int]
+#: one convolution: (in ch, out ch, kernel, stride, input size, output size, repeat count,
+#: params per output channel besides the weights: 2 with BatchNorm, 1 with a bias)
+ConvOp = tuple[int, int, int, int, int, int, int, int]
+#: bumped whenever the numbers :class:`Analyzer` gives change (search checkpoints record it)
+ANALYSIS_VERSION = 2
+BN, BIAS = 2, 1
+SPP_POOLS = 3  # SPPBottleneck's max-pools (5, 9, 13): the concat is 4 x the hidden width
 
 
 @dataclass(frozen=True)
@@ -104,6 +123,19 @@ def conv_out_size(size: int, stride: int) -> int:
     return (size - 1) // stride + 1
 
 
+def csp_stage_blocks(strides: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Block indices of each CSP stage, as the builder groups them (``csp_groups`` in
+    :mod:`damo_plugins.models.backbone`, restated here so that this module needs no torch):
+    a stride-1 block joins the stage before it, except right after the stem."""
+    stages: list[list[int]] = []
+    for i in range(1, len(strides)):
+        if strides[i] == 1 and stages:
+            stages[-1].append(i)
+        else:
+            stages.append([i])
+    return [tuple(g) for g in stages]
+
+
 def stem_input_size(resolution: int, focus: bool) -> int:
     if resolution <= 0:
         raise DamoError(f"resolution must be positive, got {resolution}")
@@ -121,20 +153,28 @@ class Analyzer:
     """Computes layers, params, FLOPs, feature-map sizes and stages of genomes of one blueprint.
 
     Sizes depend only on strides, so they are computed once here; evaluating a genome is a
-    short loop over its blocks.
+    short loop over its blocks. ``sizes_in``/``sizes_out`` are per structure block (what the
+    search space's kernel rule and the stage report use); the ``csp`` layout runs a stage's
+    convolutions at its downsampler's output size, which is the same for the usual strides.
     """
 
-    def __init__(self, bp: Blueprint, resolution: int = 640, focus: bool = True) -> None:
+    def __init__(
+        self, bp: Blueprint, resolution: int = 640, focus: bool = True, deploy: bool = True
+    ) -> None:
         self.bp = bp
         self.resolution = resolution
         self.focus = focus
+        self.deploy = deploy
         self.stem_in = bp.in_channels * (4 if focus else 1)
+        # the builder's Focus stem is a stride-1 conv whatever the structure's 's' says
+        self.stem_stride = 1 if focus else bp.strides[0]
+        self.layout = "csp" if KXKX in bp.classes else "res"
         size = stem_input_size(resolution, focus)
         sizes_in: list[int] = []
         sizes_out: list[int] = []
-        for s in bp.strides:
+        for i, s in enumerate(bp.strides):
             sizes_in.append(size)
-            size = conv_out_size(size, s)
+            size = conv_out_size(size, self.stem_stride if i == 0 else s)
             sizes_out.append(size)
         self.sizes_in = tuple(sizes_in)
         self.sizes_out = tuple(sizes_out)
@@ -144,28 +184,88 @@ class Analyzer:
         ends = [i - 1 for i in range(1, len(bp)) if bp.strides[i] == 2]
         ends.append(len(bp) - 1)
         self.stage_ends = tuple(sorted(set(ends)))
+        # csp: block indices of each CSP stage (the builder's grouping) and its size in/out
+        self.csp_stages: tuple[tuple[tuple[int, ...], int, int], ...] = ()
+        if self.layout == "csp":
+            stages = []
+            size = sizes_out[0]
+            for idx in csp_stage_blocks(bp.strides):
+                out = conv_out_size(size, 2)  # the downsampler is always 3x3 stride 2
+                stages.append((tuple(idx), size, out))
+                size = out
+            self.csp_stages = tuple(stages)
 
     # ------------------------------------------------------------------ convolutions
-    def ops(self, genome: Genome) -> list[ConvOp]:
-        """Every convolution of the backbone, identical repeated units merged (``count``)."""
+    def ops(self, genome: Genome, deploy: bool | None = None) -> list[ConvOp]:
+        """Every convolution of the backbone, identical repeated units merged (``count``).
+
+        ``deploy`` (default: the analyzer's) chooses fused RepConvs or their two branches.
+        """
+        deploy = self.deploy if deploy is None else deploy
         ops: list[ConvOp] = []
-        cin = self.stem_in
-        for i, (c, btn, k, depth) in enumerate(genome):
-            s = self.bp.strides[i]
-            hi, ho = self.sizes_in[i], self.sizes_out[i]
-            k1flag = self.k1[i]
-            if k1flag is None:  # stem
-                ops.append((cin, c, k, s, hi, ho, 1))
-            else:
-                k1 = 1 if k1flag else k
-                ops.append((cin, btn, k1, 1, hi, hi, 1))
-                ops.append((btn, c, k, s, hi, ho, 1))
-                if s == 1 and cin != c:
-                    ops.append((cin, c, 1, 1, hi, hi, 1))
-                if depth > 1:
-                    ops.append((c, btn, k1, 1, ho, ho, depth - 1))
-                    ops.append((btn, c, k, 1, ho, ho, depth - 1))
-            cin = c
+        add = ops.append
+        c0, _, k0, _ = genome[0]
+        add((self.stem_in, c0, k0, self.stem_stride, self.sizes_in[0], self.sizes_out[0], 1, BN))
+
+        def units(cin: int, c: int, btn: int, k: int, k1: int, s: int, hi: int, n: int) -> None:
+            """``n`` residual units ``cin -> c`` (only the first has stride ``s`` and ``cin``)."""
+            ho = conv_out_size(hi, s)
+            for first in (True, False):
+                count = min(n, 1) if first else n - 1
+                if count <= 0:
+                    continue
+                ci, st, h = (cin, s, hi) if first else (c, 1, ho)
+                add((ci, btn, k1, 1, h, h, count, BN))
+                if deploy:
+                    add((btn, c, k, st, h, ho, count, BIAS))
+                else:
+                    add((btn, c, k, st, h, ho, count, BN))
+                    add((btn, c, 1, st, h, ho, count, BN))
+                if st == 1 and ci != c:
+                    add((ci, c, 1, 1, h, h, count, BN))
+
+        def spp(c: int, h: int) -> None:
+            add((c, c // 2, 1, 1, h, h, 1, BN))
+            add(((c // 2) * (SPP_POOLS + 1), c, 1, 1, h, h, 1, BN))
+
+        if self.layout == "res":
+            last = len(genome) - 1
+            cin = c0
+            for i in range(1, len(genome)):
+                c, btn, k, depth = genome[i]
+                k1 = 1 if self.k1[i] else k
+                s, hi = self.bp.strides[i], self.sizes_in[i]
+                if i == last:  # SPP sits after the first unit of the last block
+                    units(cin, c, btn, k, k1, s, hi, 1)
+                    spp(c, self.sizes_out[i])
+                    units(c, c, btn, k, k1, 1, self.sizes_out[i], depth - 1)
+                else:
+                    units(cin, c, btn, k, k1, s, hi, depth)
+                cin = c
+            return ops
+
+        cin = c0
+        n_stages = len(self.csp_stages)
+        for j, (idx, hi, ho) in enumerate(self.csp_stages):
+            hidden = genome[idx[0]][0] // 2
+            cout = genome[idx[-1]][0]
+            add((cin, 2 * hidden, 3, 2, hi, ho, 1, BN))  # downsampler
+            if j == n_stages - 1:
+                spp(2 * hidden, ho)
+            prev = hidden
+            has_units = False
+            for i in idx:
+                c, btn, k, depth = genome[i]
+                n = depth - 1 if self.bp.strides[i] == 2 else depth  # the downsampler took one
+                if n > 0:
+                    units(prev, c // 2, btn, k, 1 if self.k1[i] else k, 1, ho, n)
+                    prev = c // 2
+                    has_units = True
+            if has_units:
+                add((2 * hidden, hidden, 1, 1, ho, ho, 1, BN))  # conv_start
+                add((2 * hidden, cout // 2, 1, 1, ho, ho, 1, BN))  # conv_shortcut
+                add((prev + cout // 2, cout, 1, 1, ho, ho, 1, BN))  # conv_fuse
+            cin = cout
         return ops
 
     def layers(self, genome: Genome) -> int:
@@ -174,9 +274,9 @@ class Analyzer:
 
     def metrics(self, genome: Genome) -> Metrics:
         params = flops = max_feature = 0
-        for cin, cout, k, _s, hi, ho, n in self.ops(genome):
+        for cin, cout, k, _s, hi, ho, n, affine in self.ops(genome):
             w = cin * cout * k * k
-            params += (w + 2 * cout) * n
+            params += (w + affine * cout) * n
             flops += 2 * w * ho * ho * n
             feat = cin * hi * hi + cout * ho * ho
             if feat > max_feature:
@@ -192,6 +292,7 @@ class Analyzer:
             **m.as_dict(),
             "resolution": self.resolution,
             "focus": self.focus,
+            "layout": self.layout,
             "stages": len(self.stage_ends),
             "stage_channels": self.stage_channels(genome),
             "stage_sizes": [self.sizes_out[e] for e in self.stage_ends],
@@ -199,13 +300,14 @@ class Analyzer:
 
 
 def analyzer_for(
-    structure: Structure, resolution: int = 640, focus: bool = True
+    structure: Structure, resolution: int = 640, focus: bool = True, deploy: bool = True
 ) -> tuple[Analyzer, Genome]:
     bp, genome = split(structure)
-    return Analyzer(bp, resolution, focus), genome
+    return Analyzer(bp, resolution, focus, deploy), genome
 
 
 __all__ = [
+    "ANALYSIS_VERSION",
     "K1KX",
     "KXKX",
     "STEM",

@@ -1,10 +1,12 @@
-"""A minimal plain backbone built from a structure, for the entropy score and FLOPs checks.
+"""Torch backbones of a structure: a plain one for the entropy score, and the detector's.
 
-It follows DAMO-YOLO's ``TinyNAS_res`` layout (Focus, stem, residual units; see
-:mod:`damo_plugins.nas.analysis` for the exact convolutions) and nothing more: no SPP, no
-RepConv, ReLU activations. The detector's real backbone lives in ``damo_plugins.models``;
-this one exists so the NAS package can measure what it predicts (entropy, FLOPs, latency)
-without depending on it.
+* :class:`PlainBackbone` is the searched structure and nothing more (Focus, stem, residual
+  units; no SPP, no CSP wrappers, no RepConv): what MAE-NAS's ``entropy`` score runs, with
+  BN, activations and shortcuts bypassed.
+* :func:`detector_backbone` is the backbone DAMO-YOLO's model builder makes of the
+  structure (``damo_plugins.models``: SPP, CSP layout for ``kxkx``, RepConvs): what the
+  analytic params/FLOPs of :mod:`damo_plugins.nas.analysis` count exactly and what latency
+  measurements time.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from damo_plugins.models.structure import K1KX, STEM, Structure, validate_structure
+from damo_plugins.models.structure import K1KX, KXKX, STEM, Structure, validate_structure
 
 
 class Focus(nn.Module):
@@ -100,9 +102,8 @@ class PlainBackbone(nn.Module):
         for b in structure:
             if b["class"] == STEM:
                 cin = b["in"] * (4 if focus else 1)
-                self.blocks.append(
-                    ConvUnit(cin, b["out"], b["k"], b["s"], bn=bn, act=act, bias=bias)
-                )
+                s = 1 if focus else b["s"]  # DAMO-YOLO's Focus stem ignores 's'
+                self.blocks.append(ConvUnit(cin, b["out"], b["k"], s, bn=bn, act=act, bias=bias))
                 continue
             units = nn.Sequential()
             for j in range(b["L"]):
@@ -164,3 +165,33 @@ class PlainBackbone(nn.Module):
                 x = y / std
             per_block.append(total)
         return per_block
+
+
+def detector_backbone(
+    structure: Structure, *, focus: bool = True, deploy: bool = True, act: str | None = None
+) -> nn.Module:
+    """The backbone ``build_damo_yolo(backbone=structure, deploy=deploy)`` builds.
+
+    Same classes and choices as the builder (``csp`` layout and SiLU when any block is
+    ``kxkx``, else ``res`` and ReLU), without the neck and head, and returning only the last
+    feature map (every block runs either way). ``focus=False`` swaps the Focus stem for a
+    plain conv on the image (stride ``s``): the bare structure that ``--no-focus`` scores.
+    """
+    from damo_plugins.models.backbone import TinyNASCSP, TinyNASRes, csp_groups
+    from damo_plugins.models.blocks import ConvBNAct
+
+    structure = validate_structure(structure)
+    csp = any(b["class"] == KXKX for b in structure)
+    act = act or ("silu" if csp else "relu")
+    if csp:
+        net: nn.Module = TinyNASCSP(
+            structure, (len(csp_groups(structure)) - 1,), act, deploy=deploy
+        )
+        stages = net.csp_stage
+    else:
+        net = TinyNASRes(structure, (len(structure) - 1,), act, deploy=deploy)
+        stages = net.block_list
+    if not focus:
+        stem = structure[0]
+        stages[0] = ConvBNAct(stem["in"], stem["out"], stem["k"], stem["s"], act=act)
+    return net

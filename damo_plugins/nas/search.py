@@ -29,7 +29,7 @@ from typing import Any
 
 from damo_plugins.errors import DamoError
 from damo_plugins.models.structure import Structure, dumps_json, dumps_text, validate_structure
-from damo_plugins.nas.analysis import Genome, Metrics, join
+from damo_plugins.nas.analysis import ANALYSIS_VERSION, Genome, Metrics, join
 from damo_plugins.nas.latency import LatencyTable
 from damo_plugins.nas.score import DAMO_ALPHA, check_alpha, entropy_genomes, madnas
 from damo_plugins.nas.space import SearchSpace
@@ -39,7 +39,12 @@ CHECKPOINT_FORMAT = "damo-nas-search/1"
 
 @dataclass
 class Budgets:
-    """Upper limits; ``None`` means unconstrained. FLOPs as ``torch.utils.flop_counter``."""
+    """Upper limits; ``None`` means unconstrained.
+
+    Params and FLOPs are :class:`~damo_plugins.nas.analysis.Analyzer`'s, i.e. exactly
+    ``sum(p.numel())`` and ``torch.utils.flop_counter`` of the deployed backbone the DAMO-YOLO
+    builder makes of a candidate (SPP and CSP layout included).
+    """
 
     layers: int | None = None
     params: int | None = None
@@ -292,6 +297,7 @@ class Search:
         c = self.config
         sp = self.space
         return {
+            "analysis": ANALYSIS_VERSION,
             "blueprint": {
                 "in": self.analyzer.bp.in_channels,
                 "classes": list(self.analyzer.bp.classes),

@@ -69,6 +69,18 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _calibrate_count(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if v != 0 and v < 3:
+        raise argparse.ArgumentTypeError(
+            f"'{text}': the calibration fits 3 coefficients, measure at least 3 backbones (or 0)"
+        )
+    return v
+
+
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -249,9 +261,13 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- profile
+#: calibration structures are longer random walks than the table's samples: more varied
+CALIBRATION_STEPS = 40
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     from damo_plugins.nas.analysis import analyzer_for
-    from damo_plugins.nas.latency import op_key, profile, sample_genomes
+    from damo_plugins.nas.latency import calibrate, op_key, profile, sample_genomes
     from damo_plugins.nas.space import SearchSpace
     from damo_plugins.nas.structures import resolve_structure
 
@@ -278,6 +294,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         device=args.device,
         threads=args.threads,
         repeats=args.repeats,
+        rounds=args.rounds,
         progress=progress,
         meta={
             "resolution": args.resolution,
@@ -285,8 +302,22 @@ def cmd_profile(args: argparse.Namespace) -> int:
             "space": args.space,
             "samples": args.samples,
             "seed": args.seed,
+            "calibration_seed": args.seed + 1,
+            "calibration_steps": CALIBRATION_STEPS,
         },
     )
+    if args.calibrate:
+        _log(f"measuring {args.calibrate} whole backbones to calibrate the table ...")
+        genomes = sample_genomes(space, init, args.calibrate, args.seed + 1, CALIBRATION_STEPS)
+        table = calibrate(table, an, genomes, repeats=args.repeats, rounds=args.rounds)
+        cal = table.calibration
+        assert cal is not None
+        _log(
+            f"calibrated: latency = {cal.scale:.3f} x table + {cal.per_conv_ms:.4f} ms x convs + "
+            f"{cal.offset_ms:.3f} ms; mean relative error on these backbones "
+            f"{(cal.mean_rel_error_uncalibrated or 0) * 100:.1f} % -> "
+            f"{(cal.mean_rel_error or 0) * 100:.1f} %"
+        )
     print(table.save(args.output))
     return 0
 
@@ -396,8 +427,21 @@ def damo_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--structure", action="append", default=[], help="also measure this structure's convs"
     )
+    p.add_argument(
+        "--calibrate",
+        type=_calibrate_count,
+        default=8,
+        help="whole random backbones to measure and fit the table's calibration on "
+        "(default 8; 0: none, the prediction is the plain sum of entries)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=_positive_int, default=15)
+    p.add_argument(
+        "--rounds",
+        type=_positive_int,
+        default=1,
+        help="interleaved measurement rounds, fastest kept (default 1; more on a busy machine)",
+    )
     p.add_argument("-o", "--output", default="latency.json")
     _common(p, entropy=False)
     p.set_defaults(func=cmd_profile)
