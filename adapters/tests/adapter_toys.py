@@ -27,7 +27,12 @@ class ToyDamoDetector(nn.Module):
     strides = (8, 16, 32)
 
     def __init__(
-        self, num_classes: int = 4, width: int = 16, reg_max: int = 16, seed: int = 0
+        self,
+        num_classes: int = 4,
+        width: int = 16,
+        reg_max: int = 16,
+        seed: int = 0,
+        cls_bias: float = -2.0,
     ) -> None:
         super().__init__()
         torch.manual_seed(seed)
@@ -41,7 +46,8 @@ class ToyDamoDetector(nn.Module):
         self.cls = nn.ModuleList(nn.Conv2d(width, num_classes, 1) for _ in self.strides)
         self.reg = nn.ModuleList(nn.Conv2d(width, 4 * (reg_max + 1), 1) for _ in self.strides)
         for conv in self.cls:
-            nn.init.constant_(conv.bias, -2.0)
+            # -2: a few detections above DAMO's 0.05 score threshold; very negative: none.
+            nn.init.constant_(conv.bias, cls_bias)
         self.register_buffer("project", torch.linspace(0, reg_max, reg_max + 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,7 +84,7 @@ class ToyDamoDetector(nn.Module):
         return torch.cat(priors, 0)[None]
 
 
-def toy_artifact(size: int = 128, **kwargs: int):
+def toy_artifact(size: int = 128, **kwargs: float):
     """The toy detector as a PyTorch artifact with its output names."""
     from damo_plugins.artifact import TensorSpec, load_model
 
@@ -87,7 +93,7 @@ def toy_artifact(size: int = 128, **kwargs: int):
     return art
 
 
-def toy_onnx(size: int = 128, **kwargs: int):
+def toy_onnx(size: int = 128, **kwargs: float):
     """The toy detector exported to ONNX (TorchScript exporter, opset 17), as an artifact."""
     from damo_plugins.artifact import onnx_artifact
     from damo_plugins.passes.export import export_onnx

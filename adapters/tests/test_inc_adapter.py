@@ -64,9 +64,32 @@ def test_autotune_with_a_toy_metric(inc_adapter, fp32, calib, held) -> None:
     q = inc_adapter.quantize(
         fp32, calib, subset_size=2, max_drop=0.5, validation_fn=metric, configs=[{}], max_trials=1
     )
-    tuning = q.meta["quantization"]["autotune"]
-    assert len(seen) >= 2 and tuning["baseline"] > 0 and tuning["relative_loss"] <= 0.5
+    info = q.meta["quantization"]
+    tuning = info["autotune"]
+    assert len(seen) >= 2 and tuning["baseline"] > 0
+    # max_drop is absolute; INC's tolerable loss is relative to the FP32 baseline
+    assert tuning["tolerable_loss"] == pytest.approx(0.5 / tuning["baseline"])
+    assert info["accuracy_metric"] == "user" and info["metric_drop"] <= 0.5
     assert q.format == "openvino"
+
+
+def test_onnx_target_exports_a_qdq_model_with_decode_float(inc_adapter, fp32, calib, held) -> None:
+    """INC quantizes the PyTorch model; its INT8 GraphModule is exported as ONNX QDQ."""
+    from damo_plugins.passes.quantize import onnx_decode_nodes
+
+    q = inc_adapter.quantize(fp32, calib, subset_size=2, target="onnx")
+    graph = q.model.graph
+    assert q.format == "onnx" and q.meta["quantization"]["quantize_linear"] >= 5
+    producer = {o: n for n in graph.node for o in n.output}
+    head = set(onnx_decode_nodes(q.model))
+    assert head and {"Sigmoid", "Softmax"} <= {n.op_type for n in graph.node if n.name in head}
+    for node in graph.node:
+        if node.name in head:
+            srcs = [producer[i].op_type for i in node.input if i in producer]
+            assert "DequantizeLinear" not in srcs, node.name
+    ref, out = runner(fp32), runner(q)  # ONNX Runtime runs it
+    m = compare_int8([ref([x]) for x in held], [out([x]) for x in held], ["scores", "boxes"])
+    assert m["cosine_min"] > 0.99 and m["top_detection_agreement"] >= 0.7
 
 
 def test_zero_baseline_is_a_clear_error(inc_adapter, fp32, calib) -> None:

@@ -222,3 +222,32 @@ def evaluate(
     finally:
         model.train(was_training)
     return coco_map(dataset.annotations, dets, image_ids=ids)
+
+
+def detection_map(
+    outputs: Iterable[Sequence[Any]],
+    infos: Sequence[Mapping[str, Any]],
+    annotations: str | Path | Mapping[str, Any] | Any,
+    cat_ids: Sequence[int],
+    *,
+    conf: float = 0.05,
+    iou: float = 0.7,
+    max_det: int = 100,
+) -> dict[str, float]:
+    """COCO metrics of raw detector outputs computed elsewhere (ONNX Runtime, OpenVINO, ...).
+
+    ``outputs[i]`` is one model run on the image described by ``infos[i]`` (as returned by
+    :class:`~damo_plugins.data.coco.CocoDetection`): a ``(scores, boxes)`` pair of arrays or
+    tensors, batch 1. Post-processing and scoring are exactly :func:`evaluate`'s, so a
+    quantizer's accuracy control and our ``evaluate`` step agree on what "mAP" means.
+    """
+    import numpy as np
+
+    dets: list[dict[str, Any]] = []
+    ids: list[int] = []
+    for out, info in zip(outputs, infos):
+        scores, boxes = split_outputs([torch.as_tensor(np.asarray(o)) for o in out])
+        res = postprocess(scores, boxes, conf=conf, iou=iou, max_det=max_det)
+        dets += to_coco_detections(res, [info], cat_ids)
+        ids.append(int(info["image_id"]))
+    return coco_map(annotations, dets, image_ids=ids)

@@ -12,13 +12,18 @@ to its backend's own quantizer. This module holds what they share:
   ONNX Runtime ``nodes_to_exclude``, INC observers). The convolutions themselves stay INT8.
 * **the INT8 check**: cosine similarity of every output on held-out inputs and, for
   detectors, agreement of the top detections; :class:`QuantizePass` verifies with both.
+* **the accuracy-control metric** (``max_drop``): with labelled validation data (a COCO
+  folder or JSON, :func:`labelled_validation`) and a detector, COCO mAP@[.5:.95] through
+  our evaluator (:func:`damo_plugins.data.evaluate.detection_map`), so ``max_drop`` is an
+  absolute mAP drop; with unlabelled data, agreement with the FP32 model (:func:`fidelity`).
+  The report names which (``accuracy_metric``) with the FP32 and INT8 values.
 * the ``damo-opt quantize`` command.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -296,6 +301,171 @@ def as_feeds(item: Any) -> list[np.ndarray]:
     return [np.asarray(x) for x in item]
 
 
+# ------------------------------------------------------------- labelled validation (mAP)
+#: accuracy-control metric names, as reported in the quantization metrics
+MAP, AGREEMENT = "mAP", "fp32-agreement"
+
+
+class LabelledDetections(Sequence[np.ndarray]):
+    """A COCO-labelled validation set: model inputs plus ground truth, scored by mAP@[.5:.95].
+
+    Items are the preprocessed images (``[1, 3, S, S]`` float32, DAMO letterbox), so it can
+    stand wherever plain validation inputs do (held-out checks, backend datasets); what it
+    adds is :meth:`score_outputs`, the COCO mAP of raw model outputs on (a subset of) its
+    images. With it, ``max_drop`` is an absolute mAP drop instead of an agreement drop.
+    """
+
+    metric = MAP
+
+    def __init__(
+        self,
+        images: list[np.ndarray],
+        infos: list[dict[str, Any]],
+        annotations: dict[str, Any],
+        cat_ids: list[int],
+        source: str,
+    ) -> None:
+        self.images, self.infos = images, infos
+        self.annotations, self.cat_ids, self.source = annotations, cat_ids, source
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> np.ndarray:  # type: ignore[override]
+        return self.images[index]
+
+    def __repr__(self) -> str:
+        return f"LabelledDetections({self.source!r}, {len(self)} images)"
+
+    def score_outputs(
+        self, outputs: Sequence[Sequence[Any]], indices: Sequence[int] | None = None
+    ) -> float:
+        """mAP@[.5:.95] of ``outputs[k]`` = the model's outputs on image ``indices[k]``."""
+        from damo_plugins.data.evaluate import detection_map
+
+        idx = list(range(len(self))) if indices is None else [int(i) for i in indices]
+        for out in outputs[:1]:
+            self.check_outputs(out)
+        infos = [self.infos[i] for i in idx]
+        return float(detection_map(outputs, infos, self.annotations, self.cat_ids)["mAP"])
+
+    def check_outputs(self, outputs: Sequence[Any]) -> None:
+        """A clear error unless ``outputs`` are a detector's and its classes match the labels."""
+        det = detector_outputs([np.asarray(o) for o in outputs])
+        if det is None or len(outputs) != 2:
+            raise DamoError(
+                f"mAP needs a detector's (scores [N, A, C], boxes [N, A, 4]) outputs, got "
+                f"shapes {[list(np.shape(o)) for o in outputs]}",
+                "give plain images/.npy as --val to score agreement with FP32 instead",
+            )
+        classes = int(np.shape(outputs[det[0]])[-1])
+        if classes != len(self.cat_ids):
+            raise DamoError(
+                f"the model predicts {classes} classes but {self.source} has "
+                f"{len(self.cat_ids)} categories, so mAP would be meaningless",
+                "validate on data labelled with the model's classes",
+            )
+
+    def score(
+        self, run: Callable[[list[np.ndarray]], Sequence[Any]], indices: Sequence[int] | None = None
+    ) -> float:
+        """mAP@[.5:.95] of ``run`` (feeds -> outputs) on (a subset of) the images."""
+        idx = list(range(len(self))) if indices is None else [int(i) for i in indices]
+        return self.score_outputs([run([self.images[i]]) for i in idx], idx)
+
+
+def coco_source(spec: Any) -> tuple[Path, Path] | None:
+    """(image folder, COCO JSON) if a validation spec names labelled detection data, else None.
+
+    Accepted: our data layout (a folder with ``val/`` + ``val.json``, as ``damo-opt train``
+    and the synthetic generator write it), a COCO ``.json`` (images in the folder named after
+    it, ``val.json`` -> ``val/``, else beside it), or ``{coco: DIR_or_JSON, images: DIR,
+    split: val}`` in a recipe. A plain image folder is not one (it has no labels).
+    """
+    split, images = "val", None
+    if isinstance(spec, Mapping):
+        if "coco" not in spec:
+            return None
+        extra = set(spec) - {"coco", "images", "split"}
+        if extra:
+            raise DamoError(
+                f"labelled validation {dict(spec)!r}: unknown option(s) {', '.join(map(str, extra))}",
+                "use {coco: DIR or FILE.json, images: DIR, split: val}",
+            )
+        split = str(spec.get("split", split))
+        images = Path(spec["images"]) if spec.get("images") else None
+        spec = spec["coco"]
+    elif not isinstance(spec, (str, Path)):
+        return None
+    path = Path(spec)
+    if path.is_dir() and (path / f"{split}.json").is_file():
+        folder = images or path / split
+        if not folder.is_dir():
+            raise DamoError(
+                f"{path / f'{split}.json'} has no image folder {folder}",
+                f"expected {path}/{split}/ beside it",
+            )
+        return folder, path / f"{split}.json"
+    if path.suffix.lower() == ".json":
+        if not path.is_file():
+            raise DamoError(f"COCO annotation file not found: {path}", "check the --val path")
+        if images is None:
+            images = path.with_suffix("") if path.with_suffix("").is_dir() else path.parent
+        return images, path
+    if isinstance(spec, Mapping) or images is not None:
+        raise DamoError(
+            f"{path} is not labelled detection data", f"expected {path}/{split}.json or a .json"
+        )
+    return None
+
+
+def labelled_validation(
+    spec: Any, input_shape: Sequence[Any] | None, size: int
+) -> LabelledDetections | None:
+    """The first ``size`` images of a COCO validation source, preprocessed for the model.
+
+    ``None`` if ``spec`` is not labelled detection data (see :func:`coco_source`).
+    Preprocessing is DAMO-YOLO's evaluation (and our ``evaluate`` step's): longer side to the
+    input size, zero padding bottom/right.
+    """
+    import json
+
+    from damo_plugins.data.coco import CocoDetection
+
+    found = coco_source(spec)
+    if found is None:
+        return None
+    folder, ann = found
+    shape = list(input_shape or [])
+    if len(shape) != 4 or not isinstance(shape[2], int) or shape[2] != shape[3] or shape[2] <= 0:
+        raise DamoError(
+            f"mAP validation needs a static square image input [N, 3, S, S], not {shape}",
+            "give --input-shape 1,3,S,S",
+        )
+    dataset = CocoDetection(folder, ann, int(shape[2]), augment=False)
+    n = min(size, len(dataset))
+    if n == 0:
+        raise DamoError(f"{ann} lists no images", "give a validation set with labelled images")
+    images, infos = [], []
+    for i in range(n):
+        image, _, info = dataset[i]
+        images.append(np.ascontiguousarray(image.numpy()[None], dtype=np.float32))
+        infos.append(info)
+    data = json.loads(Path(ann).read_text())
+    ids = {int(info["image_id"]) for info in infos}
+    gt = {
+        "images": [im for im in data["images"] if int(im["id"]) in ids],
+        "annotations": [a for a in data.get("annotations", []) if int(a["image_id"]) in ids],
+        "categories": data["categories"],
+    }
+    if not gt["annotations"]:
+        raise DamoError(
+            f"the first {n} validation images of {ann} have no boxes: mAP is undefined",
+            "give validation images with annotations (or more of them: val_size)",
+        )
+    return LabelledDetections(images, infos, gt, list(dataset.cat_ids), f"{ann} ({n} images)")
+
+
 # ---------------------------------------------------------------------------------- pass
 class IgnoredScope(BaseModel):
     """What to keep in floating point besides (or, with keep_head_fp false, instead of) the head."""
@@ -334,12 +504,22 @@ class QuantizeConfig(PassConfig):
     )
     ignored_scope: IgnoredScope | None = None
     max_drop: float | None = Field(
-        None, gt=0, lt=1, description="accuracy control: largest allowed metric drop"
+        None,
+        gt=0,
+        lt=1,
+        description="accuracy control: largest allowed drop (absolute mAP with labelled val)",
     )
-    val: Any = Field(None, description="validation data for max_drop and for the INT8 check")
+    val: Any = Field(
+        None,
+        description="validation data for max_drop and the INT8 check: labelled (DIR with "
+        "val/ + val.json, a COCO .json, {coco: ...}) -> mAP; images/.npy/generated -> "
+        "agreement with FP32",
+    )
     val_size: int = Field(16, ge=1, description="validation samples for accuracy control")
     torch_backend: bool = Field(
-        False, description="NNCF: quantize the nn.Module itself (slow first run)"
+        False,
+        description="NNCF: quantize the nn.Module on NNCF's torch path (builds a C++ "
+        "extension on first use), then convert to OpenVINO",
     )
     holdout: int = Field(8, ge=1, description="held-out samples compared INT8 vs FP32")
     min_cosine: float = Field(
@@ -372,7 +552,11 @@ class QuantizePass(Pass):
         shape = artifact.inputs[0].concrete() if artifact.inputs else None
         calib = resolve_calibration(cfg.calibration, shape, ctx.manager, seed=ctx.seed)
         used = calib.subset(0, cfg.subset_size)
-        if cfg.val is not None:
+        labelled = labelled_validation(cfg.val, shape, cfg.val_size) if cfg.val is not None else None
+        if labelled is not None:
+            held = labelled
+            origin = f"labelled validation data {labelled.source}"
+        elif cfg.val is not None:
             held = resolve_calibration(cfg.val, shape, ctx.manager, seed=ctx.seed + 1)
             origin = "validation data"
         elif len(calib) > len(used):
@@ -401,9 +585,18 @@ class QuantizePass(Pass):
         )
         options["target"] = self.output_format(cfg, artifact.format)
         options["ignored_scope"] = cfg.ignored_scope.model_dump() if cfg.ignored_scope else None
+        if isinstance(held, LabelledDetections):
+            held = self._check_labelled(held, artifact, ctx)
         validation = None
         if cfg.max_drop is not None:
-            validation = held.subset(0, cfg.val_size) if cfg.val is not None else held
+            if isinstance(held, LabelledDetections):
+                validation = held
+                ctx.log(f"  accuracy control: mAP@[.5:.95] on {held.source}, max drop {cfg.max_drop}")
+            else:
+                validation = held.subset(0, cfg.val_size) if cfg.val is not None else held
+                ctx.log(
+                    f"  accuracy control: agreement with FP32 (no labels), max drop {cfg.max_drop}"
+                )
         ctx.log(
             f"  quantizing with {cfg.adapter} -> {options['target']} on {len(calib)} calibration samples"
         )
@@ -412,6 +605,23 @@ class QuantizePass(Pass):
         self._held = held
         self._origin = origin
         return out
+
+    @staticmethod
+    def _check_labelled(
+        held: LabelledDetections, artifact: ModelArtifact, ctx: PassContext
+    ) -> Any:
+        """Labelled data for a detector; for any other model, just its images (with a note)."""
+        outputs = runner(artifact, ctx.manager)([held[0]])
+        if detector_outputs([np.asarray(o) for o in outputs]) is None:
+            ctx.log(
+                "  note: the model is not a detector (no scores/boxes outputs): its labelled "
+                "validation images are used unlabelled, scored by agreement with FP32"
+            )
+            from damo_plugins.data.calibration import CalibrationSet
+
+            return CalibrationSet(f"images of {held.source}", len(held), held.images.__getitem__)
+        held.check_outputs(outputs)
+        return held
 
     def verify(self, before: ModelArtifact, after: ModelArtifact, ctx: PassContext) -> Verification:
         cfg: QuantizeConfig = self.config  # type: ignore[assignment]
@@ -434,6 +644,14 @@ class QuantizePass(Pass):
             m["min_agreement"] = cfg.min_agreement
             ok = ok and m["top_detection_agreement"] >= cfg.min_agreement
             msg += f", top-detection agreement {m['top_detection_agreement']:.2f} (>= {cfg.min_agreement})"
+        if isinstance(held, LabelledDetections) and m["detector"]:
+            # mAP of the deployed models themselves (the adapter measured in its own runtime).
+            fp32, int8 = held.score_outputs(refs), held.score_outputs(outs)
+            m.update(mAP_fp32=round(fp32, 4), mAP_int8=round(int8, 4), mAP_drop=round(fp32 - int8, 4))
+            msg += f", mAP@[.5:.95] {fp32:.4f} -> {int8:.4f}"
+            if cfg.max_drop is not None:
+                ok = ok and fp32 - int8 <= cfg.max_drop
+                msg += f" (drop {fp32 - int8:.4f} <= {cfg.max_drop})"
         ctx.extra.setdefault("int8_vs_fp32", m)
         return Verification(ok, m, msg)
 
@@ -459,7 +677,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.max_drop is not None:
         if args.val is None:
             raise DamoError(
-                "--max-drop needs --val SRC (validation data)", "e.g. --val val_images/"
+                "--max-drop needs --val SRC (validation data)",
+                "e.g. --val DATA (DATA/val/ + DATA/val.json: mAP) or --val images/ (agreement with FP32)",
             )
         step["max_drop"] = args.max_drop
     if args.val is not None:
@@ -523,9 +742,17 @@ def damo_cli(subparsers: argparse._SubParsersAction) -> None:
         "--mode", choices=("int8", "weights"), default="int8", help="weights: weight-only (NNCF)"
     )
     p.add_argument(
-        "--max-drop", type=float, help="accuracy control: largest allowed metric drop (needs --val)"
+        "--max-drop",
+        type=float,
+        help="accuracy control: largest allowed drop (needs --val); absolute mAP@[.5:.95] "
+        "with labelled --val, else agreement with FP32",
     )
-    p.add_argument("--val", metavar="SRC", help="validation data (same forms as --calib)")
+    p.add_argument(
+        "--val",
+        metavar="SRC",
+        help="validation data: a labelled COCO folder (DIR/val/ + DIR/val.json) or COCO .json "
+        "-> mAP; or images/.npy/.npz/generated (as --calib) -> agreement with FP32",
+    )
     p.add_argument(
         "--no-keep-head", action="store_true", help="quantize the detector decode too (not advised)"
     )

@@ -3,7 +3,12 @@
 The flow is INC's own: ``neural_compressor.torch.export.export`` (an ``nn.Module`` passed
 straight to ``prepare`` fails) -> ``prepare(model, StaticQuantConfig(...))`` -> calibration
 -> ``convert``; with ``max_drop``, ``autotune`` over a ``TuningConfig`` (a list of configs)
-with an evaluation function and that accuracy goal.
+with an evaluation function and that accuracy goal. The evaluation function is COCO
+mAP@[.5:.95] when the validation data is labelled
+(:class:`~damo_plugins.passes.quantize.LabelledDetections`), else agreement with the FP32
+model, or the caller's ``validation_fn``. ``max_drop`` is an absolute drop of that metric;
+INC's ``tolerable_loss`` is relative to the FP32 baseline, so it gets ``max_drop / baseline``
+(which is also why a baseline of 0 is refused up front: INC would divide by it).
 
 The quantized ``GraphModule`` (quantize/dequantize pairs around ATen ops) is slow in eager
 PyTorch, so it is handed on: re-exported with ``torch.export`` and converted by OpenVINO
@@ -20,8 +25,10 @@ trials too. (Without it, INC also fails outright on the integral: ``F.linear`` w
 1-D bin vector trips the per-channel weight observer.)
 
 INC 3.x no longer quantizes ONNX models (that moved to ``onnx-neural-compressor``, which
-needs numpy < 2 and cannot be installed beside this stack): asking for it is a clear error
-pointing to NNCF or ONNX Runtime.
+needs numpy < 2 and cannot be installed beside this stack): an ONNX *input* is a clear error
+pointing to NNCF or ONNX Runtime. An ONNX *output* (``target="onnx"``) is offered: the
+PyTorch model is quantized by INC as usual and the INT8 GraphModule is exported with
+``torch.onnx.export(dynamo=True)`` as a QDQ model that ONNX Runtime and OpenVINO run.
 """
 
 from __future__ import annotations
@@ -37,12 +44,15 @@ from damo_plugins.adapter import Adapter
 from damo_plugins.artifact import ModelArtifact
 from damo_plugins.errors import DamoError, UnsupportedError
 from damo_plugins.passes.quantize import (
+    AGREEMENT,
     CONST,
     INPUT,
+    MAP,
     OP,
     SHAPE,
     SIGNATURE,
     STOP,
+    LabelledDetections,
     as_feeds,
     fidelity,
     walk_decode,
@@ -154,21 +164,28 @@ class INCAdapter(Adapter):
 
         base_cfg = self._config(StaticQuantConfig, ignored_scope)
         metric = baseline = None
+        metric_name = "user"
         if max_drop is not None:
             # Checked on the eager FP32 model before the (slow) export: a bad metric fails fast.
-            metric = validation_fn or _agreement_metric(module, validation)
+            if validation_fn is not None:
+                metric = validation_fn
+            elif isinstance(validation, LabelledDetections):
+                metric, metric_name = _map_metric(validation), MAP
+            else:
+                metric, metric_name = _agreement_metric(module, validation), AGREEMENT
             baseline = float(metric(module))
             if not np.isfinite(baseline) or baseline <= 0:
                 # INC divides by the FP32 baseline (relative loss); zero would crash deep inside.
                 raise DamoError(
-                    f"the validation metric is {baseline} on the FP32 model; "
+                    f"the validation metric ({metric_name}) is {baseline} on the FP32 model; "
                     "accuracy-aware tuning needs a positive baseline",
-                    "check the validation data and metric",
+                    "check that the validation data matches the model (classes, image content)",
                 )
         info: dict[str, Any] = {
             "adapter": self.name,
             "backend_version": self.backend_version(),
             "calibration_samples": len(items),
+            "accuracy_control": max_drop is not None,
         }
         with _quiet(), torch.no_grad():
             try:
@@ -196,6 +213,13 @@ class INCAdapter(Adapter):
                     ignored_scope,
                 )
                 info["autotune"] = tuning
+                info.update(
+                    accuracy_metric=metric_name,
+                    metric_fp32=round(tuning["baseline"], 4),
+                    metric_int8=round(tuning["metric"], 4),
+                    metric_drop=round(tuning["baseline"] - tuning["metric"], 4),
+                    max_drop=max_drop,
+                )
         info["kept_fp"] = list(kept)
         return self._hand_off(artifact, quantized, example, target, info)
 
@@ -230,7 +254,9 @@ class INCAdapter(Adapter):
             {"w_granularity": "per_tensor"},
         ]
         config_set = [self._config(cls, ignored_scope, **c) for c in space]
-        tune = TuningConfig(config_set=config_set, tolerable_loss=max_drop, max_trials=max_trials)
+        # max_drop is absolute; INC's tolerable loss is relative to the baseline.
+        tolerable = max_drop / baseline
+        tune = TuningConfig(config_set=config_set, tolerable_loss=tolerable, max_trials=max_trials)
         try:
             best = autotune(exported, tune, eval_fn=metric, run_fn=calibrate)
         except TypeError as exc:
@@ -241,10 +267,17 @@ class INCAdapter(Adapter):
                 "raise --max-drop, or use more calibration data",
             )
         score = float(metric(best))
+        if baseline - score > max_drop + 1e-9:
+            raise DamoError(
+                f"INC autotune's best configuration drops the metric by {baseline - score:.4f} "
+                f"(FP32 {baseline:.4f}, INT8 {score:.4f}), more than max_drop {max_drop}",
+                "raise --max-drop, or use more calibration data",
+            )
         return best, {
             "baseline": baseline,
             "metric": score,
             "relative_loss": (baseline - score) / baseline,
+            "tolerable_loss": tolerable,
             "configs": space,
             "max_drop": max_drop,
         }
@@ -315,6 +348,21 @@ class INCAdapter(Adapter):
             )
         out.meta["quantization"] = info
         return out
+
+
+def _torch_run(model: Any) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
+    import torch
+
+    def run(feeds: list[np.ndarray]) -> list[np.ndarray]:
+        with torch.no_grad():
+            return [t.numpy() for t in _flat(model(*[torch.from_numpy(f) for f in feeds]))]
+
+    return run
+
+
+def _map_metric(valset: LabelledDetections) -> Callable[[Any], float]:
+    """Evaluation function: COCO mAP@[.5:.95] of a (FP32 or INT8) PyTorch model."""
+    return lambda model: valset.score(_torch_run(model))
 
 
 def _agreement_metric(module: Any, validation: Iterable[Any] | None) -> Callable[[Any], float]:

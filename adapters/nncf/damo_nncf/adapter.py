@@ -3,14 +3,21 @@
 * ``nncf.quantize`` on an ``openvino.Model`` (target ``openvino``) or an ONNX ``ModelProto``
   (target ``onnx``, NNCF returns a QDQ model), with preset, subset size, fast bias
   correction, target device and ignored scope;
-* ``nncf.quantize_with_accuracy_control`` when ``max_drop`` is given, with a validation
-  function — by default "agreement with the FP32 model" (:func:`fidelity`), so no labels
-  are needed; pass ``validation_fn`` for a real metric (e.g. mAP);
+* ``nncf.quantize_with_accuracy_control`` when ``max_drop`` is given. The validation
+  function is COCO mAP@[.5:.95] when the validation data is labelled
+  (:class:`~damo_plugins.passes.quantize.LabelledDetections`; ``max_drop`` is then an
+  absolute mAP drop), else agreement with the FP32 model (:func:`fidelity`, no labels
+  needed), or the caller's ``validation_fn``. The FP32 and INT8 values are measured
+  before/after and reported; a result outside ``max_drop`` is an error, not a silent pass;
 * ``mode="weights"``: weight-only compression (``nncf.compress_weights``).
 
-PyTorch models go through OpenVINO conversion (or ONNX export for target ``onnx``) first:
-NNCF's own torch path compiles a C++ extension on first use (~3 minutes here, needs g++,
-ninja and torchao). ``torch_backend=True`` allows it for those who want it.
+PyTorch models go through OpenVINO conversion (or ONNX export for target ``onnx``) first.
+``torch_backend=True`` uses NNCF's own PyTorch path instead (its function-hook mode; the
+result is converted to OpenVINO). That path runs its fake-quantizers through a C++
+extension that is compiled on first use (~1 min on an idle core here, more on a busy one;
+needs a C++ compiler, ninja and torchao) and cached under ``~/.cache/torch_extensions``.
+We check those up front and raise NNCF's extension-load timeout (60 s by default, too short
+for a first build on a busy machine) unless the user set ``NNCF_EXTENSION_LOAD_TIMEOUT``.
 
 The detector decode is kept in floating point by default (``keep_head_fp``): its ops go into
 ``IgnoredScope(names=...)``, found structurally (see :mod:`damo_plugins.passes.quantize`).
@@ -22,7 +29,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterable
+import os
+import shutil
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -30,7 +40,25 @@ import numpy as np
 from damo_plugins.adapter import Adapter
 from damo_plugins.artifact import ModelArtifact, onnx_artifact
 from damo_plugins.errors import DamoError, UnsupportedError
-from damo_plugins.passes.quantize import as_feeds, fidelity, name_onnx_nodes, onnx_decode_nodes
+from damo_plugins.passes.quantize import (
+    AGREEMENT,
+    CONST,
+    INPUT,
+    MAP,
+    OP,
+    SIGNATURE,
+    STOP,
+    LabelledDetections,
+    as_feeds,
+    fidelity,
+    name_onnx_nodes,
+    onnx_decode_nodes,
+    walk_decode,
+)
+
+#: NNCF's extension-load timeout when the user has not set one: a first build of the C++
+#: extension took ~60 s on an idle core here and several minutes on a loaded machine.
+EXTENSION_TIMEOUT_S = 900
 
 
 @contextlib.contextmanager
@@ -61,6 +89,11 @@ class NNCFAdapter(Adapter):
         if artifact.format == "torch" and torch_backend:
             import copy
 
+            if target != "openvino":
+                raise UnsupportedError(
+                    "NNCF's torch path hands its INT8 model to OpenVINO; it does not give ONNX",
+                    "use target openvino with torch_backend, or drop torch_backend for ONNX QDQ",
+                )
             return "torch", copy.deepcopy(artifact.model).eval()
         if target == "openvino":
             if artifact.format == "openvino":
@@ -87,7 +120,13 @@ class NNCFAdapter(Adapter):
         raise UnsupportedError(f"NNCF adapter: unknown target '{target}'", "use openvino or onnx")
 
     def _ignored(
-        self, nncf: Any, kind: str, model: Any, keep_head_fp: bool, user: dict | None
+        self,
+        nncf: Any,
+        kind: str,
+        model: Any,
+        keep_head_fp: bool,
+        user: dict | None,
+        example: Any = None,
     ) -> tuple[Any, list[str]]:
         head: list[str] = []
         if keep_head_fp and kind == "openvino":
@@ -99,6 +138,8 @@ class NNCFAdapter(Adapter):
                 head = decode_nodes(model)
         elif keep_head_fp and kind == "onnx":
             head = onnx_decode_nodes(model)
+        elif keep_head_fp and kind == "torch":
+            head = torch_decode_nodes(model, example)
         user = user or {}
         names = sorted(set(head) | set(user.get("names") or []))
         types = list(user.get("types") or [])
@@ -134,6 +175,8 @@ class NNCFAdapter(Adapter):
     ) -> ModelArtifact:
         nncf = self.require_backend()
         target = target or ("onnx" if artifact.format == "onnx" else "openvino")
+        if torch_backend and artifact.format == "torch":
+            check_torch_backend()
         kind, model = self._source(artifact, target, torch_backend)
         calib = list(calibration) if not hasattr(calibration, "__len__") else calibration
         if len(calib) == 0:  # type: ignore[arg-type]
@@ -142,13 +185,12 @@ class NNCFAdapter(Adapter):
             return self._compress_weights(nncf, artifact, kind, model, target)
         if mode != "int8":
             raise DamoError(f"NNCF adapter: unknown mode '{mode}'", "use int8 or weights")
-        if kind == "torch" and keep_head_fp:
-            raise UnsupportedError(
-                "on NNCF's torch path the detector head cannot be kept in floating point automatically",
-                "set keep_head_fp: false and give an ignored_scope of NNCF torch node names, "
-                "or drop torch_backend (the default OpenVINO path keeps the head float)",
-            )
-        scope, head = self._ignored(nncf, kind, model, keep_head_fp, ignored_scope)
+        example = None
+        if kind == "torch":
+            import torch
+
+            example = torch.from_numpy(artifact.example_inputs()[0])
+        scope, head = self._ignored(nncf, kind, model, keep_head_fp, ignored_scope, example)
         dataset = nncf.Dataset(calib, _transform(kind, model))
         try:
             params: dict[str, Any] = {
@@ -163,11 +205,22 @@ class NNCFAdapter(Adapter):
                 params["ignored_scope"] = scope
         except (KeyError, ValueError) as exc:
             raise DamoError(f"NNCF adapter: invalid option ({exc})") from exc
-        with _quiet():
+        info: dict[str, Any] = {
+            "adapter": self.name,
+            "backend_version": self.backend_version(),
+            "mode": "int8",
+            "preset": preset,
+            "subset_size": params["subset_size"],
+            "kept_fp": head,
+            "accuracy_control": max_drop is not None,
+        }
+        if kind == "torch":
+            info["torch_backend"] = True
+        with _quiet(), _extension_timeout(kind):
             try:
                 if max_drop is not None:
                     quantized = self._with_accuracy_control(
-                        nncf, kind, model, dataset, validation, validation_fn, max_drop, params
+                        nncf, kind, model, dataset, validation, validation_fn, max_drop, params, info
                     )
                 else:
                     quantized = nncf.quantize(model, dataset, **params)
@@ -178,21 +231,7 @@ class NNCFAdapter(Adapter):
                     f"NNCF rejected the ignored scope: {str(exc).splitlines()[0][:300]}",
                     "check the names/types/patterns in ignored_scope",
                 ) from exc
-        return self._result(
-            artifact,
-            kind,
-            quantized,
-            target,
-            {
-                "adapter": self.name,
-                "backend_version": self.backend_version(),
-                "mode": "int8",
-                "preset": preset,
-                "subset_size": params["subset_size"],
-                "kept_fp": head,
-                "accuracy_control": max_drop is not None,
-            },
-        )
+            return self._result(artifact, kind, quantized, target, info, keep_head_fp)
 
     def _with_accuracy_control(
         self,
@@ -204,29 +243,63 @@ class NNCFAdapter(Adapter):
         validation_fn: Callable[..., Any] | None,
         max_drop: float,
         params: dict[str, Any],
+        info: dict[str, Any],
     ) -> Any:
         if validation is None:
             raise DamoError(
                 "accuracy control (max_drop) needs validation data",
                 "give --val SRC / val: in the recipe",
             )
-        items = list(validation)
-        if not items:
-            raise DamoError("the validation set is empty")
         if kind == "torch":
             raise UnsupportedError(
                 "accuracy control is not offered on NNCF's torch path here", "drop torch_backend"
             )
-        if validation_fn is None:
-            validation_fn = _agreement_fn(kind, model, items)
-            val_items: list[Any] = list(enumerate(items))
-            transform = _transform(kind, model)
-            val_ds = nncf.Dataset(val_items, lambda it: transform(it[1]))
+        items: Any = validation if isinstance(validation, LabelledDetections) else list(validation)
+        if len(items) == 0:
+            raise DamoError("the validation set is empty")
+        transform = _transform(kind, model)
+        if validation_fn is not None:
+            # The caller's metric sees the items themselves, as in NNCF's own examples.
+            info["accuracy_metric"] = "user"
+            val_ds = nncf.Dataset(list(items), transform)
+            return nncf.quantize_with_accuracy_control(
+                model, dataset, val_ds, validation_fn, max_drop=max_drop, **params
+            )
+        # Our metrics see item indices: the mAP needs to know which image each output is of.
+        val_ds = nncf.Dataset(list(range(len(items))), lambda i: transform(items[i]))
+        every = list(range(len(items)))
+        if isinstance(items, LabelledDetections):
+            metric_name, fn = MAP, _map_fn(items, kind)
+            baseline = fn(_candidate(kind, model), every)[0]
+            if not np.isfinite(baseline) or baseline <= 0:
+                raise DamoError(
+                    f"the FP32 model scores mAP {baseline:.4f} on {items.source}: there is no "
+                    "accuracy to keep, so max_drop means nothing",
+                    "check that the validation data matches the model (classes, image content), "
+                    "or give plain images as --val to control agreement with FP32 instead",
+                )
         else:
-            val_ds = nncf.Dataset(items, _transform(kind, model))
-        return nncf.quantize_with_accuracy_control(
-            model, dataset, val_ds, validation_fn, max_drop=max_drop, **params
+            metric_name, fn = AGREEMENT, _agreement_fn(kind, model, list(items))
+            baseline = 1.0  # the FP32 model agrees with itself
+        quantized = nncf.quantize_with_accuracy_control(
+            model, dataset, val_ds, fn, max_drop=max_drop, **params
         )
+        final = fn(_candidate(kind, quantized), every)[0]
+        info.update(
+            accuracy_metric=metric_name,
+            metric_fp32=round(float(baseline), 4),
+            metric_int8=round(float(final), 4),
+            metric_drop=round(float(baseline - final), 4),
+            max_drop=max_drop,
+            validation_samples=len(items),
+        )
+        if baseline - final > max_drop + 1e-9:
+            raise DamoError(
+                f"NNCF could not keep the {metric_name} drop within max_drop {max_drop}: "
+                f"FP32 {baseline:.4f}, best INT8 {final:.4f} (drop {baseline - final:.4f})",
+                "raise --max-drop, calibrate on more representative data, or validate on more images",
+            )
+        return quantized
 
     def _compress_weights(
         self, nncf: Any, artifact: ModelArtifact, kind: str, model: Any, target: str
@@ -250,14 +323,35 @@ class NNCFAdapter(Adapter):
         )
 
     def _result(
-        self, artifact: ModelArtifact, kind: str, model: Any, target: str, info: dict
+        self,
+        artifact: ModelArtifact,
+        kind: str,
+        model: Any,
+        target: str,
+        info: dict,
+        keep_head_fp: bool = False,
     ) -> ModelArtifact:
         if kind == "torch":
             import openvino as ov
             import torch
 
             example = torch.from_numpy(artifact.example_inputs()[0])
-            model = ov.convert_model(model, example_input=example)
+            with warnings.catch_warnings(), torch.no_grad():
+                # Tracing NNCF's fake-quantizers warns about every scale it reads.
+                warnings.simplefilter("ignore")
+                try:
+                    model = ov.convert_model(model, example_input=example)
+                except Exception as exc:
+                    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                    raise DamoError(
+                        f"OpenVINO could not convert NNCF's quantized PyTorch model: {first[:300]}",
+                        "drop torch_backend (the default path quantizes the OpenVINO model)",
+                    ) from exc
+            if keep_head_fp:
+                from damo_openvino.graph import broadcast_decode_constants, decode_nodes
+
+                # The same CPU-plugin compile workaround as on the OpenVINO path.
+                broadcast_decode_constants(model, decode_nodes(model))
             kind = "openvino"
         if kind == "openvino":
             from damo_openvino.adapter import _param_count, _specs
@@ -294,6 +388,59 @@ def _transform(kind: str, model: Any) -> Callable[[Any], Any]:
     return lambda item: as_feeds(item)
 
 
+class _Runner:
+    """Runs whatever NNCF hands a validation function: an OpenVINO compiled model, an ONNX
+    ``ModelProto`` (NNCF's ONNX backend) or an ONNX Runtime session."""
+
+    def __init__(self) -> None:
+        self._session: tuple[Any, Any] | None = None
+
+    def __call__(self, candidate: Any, feeds: list[np.ndarray]) -> list[np.ndarray]:
+        if hasattr(candidate, "SerializeToString"):
+            if self._session is None or self._session[0] is not candidate:
+                from damo_plugins.onnx_utils import ort_session
+
+                # one at a time: NNCF tries one candidate model after another
+                self._session = (candidate, ort_session(candidate))
+            candidate = self._session[1]
+        if hasattr(candidate, "get_inputs"):  # an ONNX Runtime session
+            names_in = [i.name for i in candidate.get_inputs()]
+            return list(candidate.run(None, dict(zip(names_in, feeds))))
+        return [np.asarray(v) for v in candidate(feeds).values()]
+
+
+def _candidate(kind: str, model: Any) -> Any:
+    """What NNCF would hand a validation function for ``model`` (compiled, for OpenVINO)."""
+    if kind == "openvino":
+        from damo_openvino.adapter import core
+
+        return core().compile_model(model, "CPU")
+    return model
+
+
+def _map_fn(
+    valset: LabelledDetections, kind: str
+) -> Callable[[Any, Iterable[int]], tuple[float, list[list[np.ndarray]] | None]]:
+    """Validation function: COCO mAP@[.5:.95] of a candidate on the labelled images.
+
+    On OpenVINO it also returns each image's raw outputs, which puts NNCF in its "logits"
+    mode: quantizers are ranked by how much they change the outputs. NNCF 3.4 has no such
+    ranking for ONNX models (``UnsupportedBackendError``), so there it returns the mAP
+    alone ("metric" mode: quantizers are ranked by the mAP of the ranking subset).
+    """
+    run = _Runner()
+    with_outputs = kind == "openvino"
+
+    def validation_fn(
+        candidate: Any, data: Iterable[int]
+    ) -> tuple[float, list[list[np.ndarray]] | None]:
+        idx = [int(i) for i in data]
+        outs = [run(candidate, [valset[i]]) for i in idx]
+        return valset.score_outputs(outs, idx), outs if with_outputs else None
+
+    return validation_fn
+
+
 def _agreement_fn(
     kind: str, model: Any, items: list[Any]
 ) -> Callable[[Any, Iterable[Any]], tuple[float, list[float]]]:
@@ -312,23 +459,111 @@ def _agreement_fn(
         refs = [list(sess.run(None, dict(zip(in_names, as_feeds(x))))) for x in items]
         names = [o.name for o in model.graph.output]
 
-    sessions: dict[int, Any] = {}
+    run = _Runner()
 
-    def run(candidate: Any, feeds: list[np.ndarray]) -> list[np.ndarray]:
-        if hasattr(candidate, "SerializeToString"):  # NNCF's ONNX backend hands a ModelProto
-            if id(candidate) not in sessions:
-                from damo_plugins.onnx_utils import ort_session
-
-                sessions.clear()  # one at a time: NNCF tries one candidate model after another
-                sessions[id(candidate)] = (candidate, ort_session(candidate))
-            candidate = sessions[id(candidate)][1]
-        if hasattr(candidate, "get_inputs"):  # an ONNX Runtime session
-            names_in = [i.name for i in candidate.get_inputs()]
-            return list(candidate.run(None, dict(zip(names_in, feeds))))
-        return [np.asarray(v) for v in candidate(feeds).values()]
-
-    def validation_fn(candidate: Any, data: Iterable[Any]) -> tuple[float, list[float]]:
-        scores = [fidelity(refs[i], run(candidate, as_feeds(x)), names) for i, x in data]
+    def validation_fn(candidate: Any, data: Iterable[int]) -> tuple[float, list[float]]:
+        scores = [fidelity(refs[i], run(candidate, as_feeds(items[i])), names) for i in data]
         return float(np.mean(scores)) if scores else 0.0, scores
 
     return validation_fn
+
+
+# ------------------------------------------------------------------ NNCF's torch path
+def check_torch_backend() -> None:
+    """Fail early and clearly if NNCF's PyTorch path cannot run here.
+
+    It needs ``torchao`` (imported by NNCF's torch backend without being declared), and a
+    C++ compiler plus ninja to build (or re-check) its fake-quantize extension.
+    """
+    missing = []
+    try:
+        import torchao  # noqa: F401
+    except ImportError:
+        missing.append("torchao (pip install torchao)")
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None and shutil.which("g++") is None:
+        missing.append(f"a C++ compiler ({compiler} / g++ not on PATH)")
+    try:
+        from torch.utils.cpp_extension import is_ninja_available
+
+        ninja = is_ninja_available()
+    except Exception:
+        ninja = False
+    if not ninja:
+        missing.append("ninja (pip install ninja)")
+    if missing:
+        raise UnsupportedError(
+            "NNCF's PyTorch path (torch_backend) cannot run here: it needs "
+            + ", ".join(missing),
+            "install them, or drop torch_backend (the default converts to OpenVINO first and "
+            "needs none of this)",
+        )
+
+
+@contextlib.contextmanager
+def _extension_timeout(kind: str) -> Iterator[None]:
+    """Give NNCF's C++ extension build time, and turn its timeout into a clear error."""
+    if kind != "torch":
+        yield
+        return
+    var = "NNCF_EXTENSION_LOAD_TIMEOUT"
+    old = os.environ.get(var)
+    if old is None:
+        os.environ[var] = str(EXTENSION_TIMEOUT_S)
+    try:
+        yield
+    except Exception as exc:
+        if type(exc).__name__ != "ExtensionLoaderTimeoutException":
+            raise
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        cleanup = next((ln for ln in lines if ln.startswith("rm -rf")), "")
+        raise DamoError(
+            "NNCF's C++ extension was not built in time "
+            f"(NNCF_EXTENSION_LOAD_TIMEOUT={os.environ.get(var)} s)"
+            + (f"; a leftover lock from an interrupted build is likely: {cleanup}" if cleanup else ""),
+            "retry (the build is cached once it finishes), raise NNCF_EXTENSION_LOAD_TIMEOUT, "
+            "or drop torch_backend",
+        ) from exc
+    finally:
+        if old is None:
+            os.environ.pop(var, None)
+
+
+def torch_decode_nodes(model: Any, example: Any) -> list[str]:
+    """NNCF torch node names of the decode tail (the names NNCF's ``IgnoredScope`` takes).
+
+    The graph is NNCF's own (function-hook tracing), so the names match what it quantizes.
+    """
+    try:
+        from nncf.torch.function_hook.nncf_graph.nncf_graph_builder import build_nncf_graph
+
+        graph = build_nncf_graph(model, example)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DamoError(
+            f"NNCF could not trace the PyTorch model: {first[:300]}",
+            "drop torch_backend (the default path converts to OpenVINO first)",
+        ) from exc
+
+    def kind_of(node: Any) -> str:
+        t = node.node_type
+        if t == "nncf_model_input":
+            return INPUT
+        if t == "nncf_model_const":
+            return CONST
+        if t.startswith("conv"):
+            return STOP
+        if t in ("linear", "matmul", "addmm"):
+            # A learned layer (2-D weight) is a boundary; the integral's bin vector is not.
+            for edge in graph.get_input_edges(node):
+                shape = list(edge.tensor_shape or [])
+                src = edge.from_node.node_type
+                if src == "nncf_model_const" and len(shape) == 2 and min(shape) > 1:
+                    return STOP
+        if t in ("sigmoid", "softmax", "log_softmax"):
+            return SIGNATURE
+        return OP
+
+    outputs = [n for n in graph.get_all_nodes() if n.node_type == "nncf_model_output"]
+    found = walk_decode(outputs, graph.get_previous_nodes, kind_of)
+    return sorted(n.node_name for n in found if n.node_type != "nncf_model_output")
