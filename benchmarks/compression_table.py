@@ -10,8 +10,10 @@ passes and adapters, on the project's own trained model and data:
 * **original**: the checkpoint as trained (RepConv branches and BatchNorm unfused), FP32;
 * **fused**: the ``reparam`` pass (branches merged, Conv+BN folded), FP32;
 * **distilled**: a distilled checkpoint (``--distilled``), fused, FP32 — only if given;
-* **pruned**: the ``prune`` pass (30 % of each channel group, L1) on the unfused model, with
-  fine-tuning on the synthetic train split through the pass itself, then ``reparam``;
+* **pruned**: the ``prune`` pass on the unfused model (30 % by default; importance ``auto`` =
+  Taylor from loss gradients when fine-tuning data is there, else BN scale; global ranking;
+  3 iterative steps, each followed by fine-tuning on the synthetic train split through the
+  pass itself), then ``reparam``;
 * **INT8**: the ``quantize`` pass, NNCF -> OpenVINO IR, detector decode kept in FP;
 * **pruned + INT8** through NNCF, through Intel Neural Compressor (PT2E -> OpenVINO) and
   through ONNX Runtime (static QDQ) — the best path (prune, fuse, quantize) per toolkit.
@@ -277,7 +279,12 @@ def build_rows(
             "`distill` pass makes one (see `docs/benchmarks/training.md`)."
         )
     _log(f"pruning {args.prune_ratio:.0%} ...")
-    prune_cfg: dict[str, Any] = {"ratio": args.prune_ratio, "importance": "l1"}
+    prune_cfg: dict[str, Any] = {
+        "ratio": args.prune_ratio,
+        "importance": args.prune_importance,
+        "scope": args.prune_scope,
+        "steps": args.prune_steps,
+    }
     tuned = bool(args.finetune_epochs and data is not None)
     if tuned:
         prune_cfg.update(
@@ -313,12 +320,14 @@ def build_rows(
     rows[-1].notes.append(f"prune {check}")
     if tuned:
         rows[-1].notes.append(
-            f"fine-tuning: {args.finetune_epochs} epoch(s) on {args.finetune_images} train images "
+            f"importance {pm.get('importance')}, {args.prune_scope} ranking, "
+            f"{args.prune_steps} step(s); fine-tuning: {args.finetune_epochs} epoch(s) after each "
+            f"step on {args.finetune_images} train images "
             f"at {size} px, batch 16, AdamW lr 1e-3, {args.train_threads} torch thread(s): "
             f"{sum(epochs):.0f} s of training ({prune_s:.0f} s for the whole pass with its "
             f"mAP checks); mAP on the first {prune_cfg['eval_limit']} val images: "
             f"{_pct(pm.get('mAP_before'))} before pruning, {_pct(pm.get('mAP_pruned'))} right "
-            f"after, {_pct(pm.get('mAP_finetuned'))} after fine-tuning"
+            f"after the last step, {_pct(pm.get('mAP_finetuned'))} after its fine-tuning"
         )
     _log("INT8 ...")
     fused_row, pruned_row = rows[1], rows[-1]
@@ -783,7 +792,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-map", action="store_true", help="latency only (random weights)")
     p.add_argument("--distilled", help="a distilled checkpoint of the same task (adds a row)")
     p.add_argument("--prune-ratio", type=float, default=0.3)
-    p.add_argument("--finetune-epochs", type=int, default=3, help="0: prune without fine-tuning")
+    p.add_argument(
+        "--prune-importance",
+        default="auto",
+        choices=("auto", "l1", "l2", "bn", "taylor"),
+        help="auto: taylor with fine-tuning data, else bn",
+    )
+    p.add_argument("--prune-scope", default="global", choices=("global", "uniform"))
+    p.add_argument(
+        "--prune-steps", type=int, default=3, help="iterative steps (fine-tuning after each)"
+    )
+    p.add_argument(
+        "--finetune-epochs",
+        type=int,
+        default=1,
+        help="fine-tuning epochs after each prune step (0: prune without fine-tuning)",
+    )
     p.add_argument("--finetune-images", type=int, default=1200, help="train images to fine-tune on")
     p.add_argument("--train-threads", type=int, default=1, help="torch threads for fine-tuning")
     p.add_argument("--val-images", type=int, default=250, help="held-out val images for mAP")
