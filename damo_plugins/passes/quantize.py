@@ -552,7 +552,9 @@ class QuantizePass(Pass):
         shape = artifact.inputs[0].concrete() if artifact.inputs else None
         calib = resolve_calibration(cfg.calibration, shape, ctx.manager, seed=ctx.seed)
         used = calib.subset(0, cfg.subset_size)
-        labelled = labelled_validation(cfg.val, shape, cfg.val_size) if cfg.val is not None else None
+        labelled = (
+            labelled_validation(cfg.val, shape, cfg.val_size) if cfg.val is not None else None
+        )
         if labelled is not None:
             held = labelled
             origin = f"labelled validation data {labelled.source}"
@@ -591,7 +593,9 @@ class QuantizePass(Pass):
         if cfg.max_drop is not None:
             if isinstance(held, LabelledDetections):
                 validation = held
-                ctx.log(f"  accuracy control: mAP@[.5:.95] on {held.source}, max drop {cfg.max_drop}")
+                ctx.log(
+                    f"  accuracy control: mAP@[.5:.95] on {held.source}, max drop {cfg.max_drop}"
+                )
             else:
                 validation = held.subset(0, cfg.val_size) if cfg.val is not None else held
                 ctx.log(
@@ -607,9 +611,7 @@ class QuantizePass(Pass):
         return out
 
     @staticmethod
-    def _check_labelled(
-        held: LabelledDetections, artifact: ModelArtifact, ctx: PassContext
-    ) -> Any:
+    def _check_labelled(held: LabelledDetections, artifact: ModelArtifact, ctx: PassContext) -> Any:
         """Labelled data for a detector; for any other model, just its images (with a note)."""
         outputs = runner(artifact, ctx.manager)([held[0]])
         if detector_outputs([np.asarray(o) for o in outputs]) is None:
@@ -647,7 +649,9 @@ class QuantizePass(Pass):
         if isinstance(held, LabelledDetections) and m["detector"]:
             # mAP of the deployed models themselves (the adapter measured in its own runtime).
             fp32, int8 = held.score_outputs(refs), held.score_outputs(outs)
-            m.update(mAP_fp32=round(fp32, 4), mAP_int8=round(int8, 4), mAP_drop=round(fp32 - int8, 4))
+            m.update(
+                mAP_fp32=round(fp32, 4), mAP_int8=round(int8, 4), mAP_drop=round(fp32 - int8, 4)
+            )
             msg += f", mAP@[.5:.95] {fp32:.4f} -> {int8:.4f}"
             if cfg.max_drop is not None:
                 ok = ok and fp32 - int8 <= cfg.max_drop

@@ -220,7 +220,15 @@ class NNCFAdapter(Adapter):
             try:
                 if max_drop is not None:
                     quantized = self._with_accuracy_control(
-                        nncf, kind, model, dataset, validation, validation_fn, max_drop, params, info
+                        nncf,
+                        kind,
+                        model,
+                        dataset,
+                        validation,
+                        validation_fn,
+                        max_drop,
+                        params,
+                        info,
                     )
                 else:
                     quantized = nncf.quantize(model, dataset, **params)
@@ -493,8 +501,7 @@ def check_torch_backend() -> None:
         missing.append("ninja (pip install ninja)")
     if missing:
         raise UnsupportedError(
-            "NNCF's PyTorch path (torch_backend) cannot run here: it needs "
-            + ", ".join(missing),
+            "NNCF's PyTorch path (torch_backend) cannot run here: it needs " + ", ".join(missing),
             "install them, or drop torch_backend (the default converts to OpenVINO first and "
             "needs none of this)",
         )
@@ -520,7 +527,11 @@ def _extension_timeout(kind: str) -> Iterator[None]:
         raise DamoError(
             "NNCF's C++ extension was not built in time "
             f"(NNCF_EXTENSION_LOAD_TIMEOUT={os.environ.get(var)} s)"
-            + (f"; a leftover lock from an interrupted build is likely: {cleanup}" if cleanup else ""),
+            + (
+                f"; a leftover lock from an interrupted build is likely: {cleanup}"
+                if cleanup
+                else ""
+            ),
             "retry (the build is cached once it finishes), raise NNCF_EXTENSION_LOAD_TIMEOUT, "
             "or drop torch_backend",
         ) from exc
