@@ -14,7 +14,7 @@ few training batches. Why Taylor exists here: on a small trained DAMO-YOLO the f
 are nearly equal (weight decay evens them out; the weakest channel of a group is typically at
 ~0.9x the median), so norms hardly tell which channel matters — removing 10 % of channels by
 L1 took the shipped nano model from 0.44 to 0.06 mAP, by BN scale to 0.12, by Taylor (global)
-to 0.41 (``docs/benchmarks.md``). ``auto`` (default) picks Taylor when ``data`` is given and
+to 0.39-0.41 (``docs/benchmarks/training.md``). ``auto`` (default) picks Taylor when ``data`` is given and
 the model is a DAMO-YOLO detector, else BN scale when the model has trained BatchNorm
 scales, else L1.
 
