@@ -117,6 +117,18 @@ def test_map_function_modes_match_what_nncf_supports(synth_val: Path) -> None:
     assert len(outs) == 2 and [o.shape[-1] for o in outs[0]] == [6, 4]
 
 
+def test_the_adapters_own_scoring_compiles_in_f32() -> None:
+    """The FP32 baseline and the final INT8 model are scored in true f32, as NNCF scores its
+    candidates: OpenVINO's CPU default (bf16 on AVX512-BF16/AMX CPUs) moved the baseline mAP
+    by ~5e-4 and made a max_drop NNCF had met look missed."""
+    from damo_nncf.adapter import _candidate
+
+    ov = get_manager().get_adapter("openvino")
+    compiled = _candidate("openvino", ov.convert(toy_onnx(TOY)).model)
+    hint = compiled.get_property("INFERENCE_PRECISION_HINT")
+    assert str(getattr(hint, "get_type_name", lambda: hint)()) == "f32"
+
+
 def test_unlabelled_val_keeps_the_agreement_metric() -> None:
     nncf = get_manager().get_adapter("nncf")
     shape = [1, 3, TOY, TOY]
