@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ROOT / "docs" / "benchmarks"
-ORDER = ["compression", "adapters", "reparam", "training", "nas", "keypoints"]
+ORDER = ["compression", "adapters", "accuracy_control", "reparam", "training", "nas", "keypoints"]
 
 
 def machine() -> str:
