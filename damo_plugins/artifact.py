@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from damo_plugins.errors import DamoError
+from damo_plugins.errors import DamoError, first_line
 from damo_plugins.io import atomic_path, check_input_file
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -448,7 +448,7 @@ def onnx_artifact(proto: onnx.ModelProto, **kwargs: Any) -> ModelArtifact:
 # ---------------------------------------------------------------------- helpers
 def _input_error(feeds: Sequence[np.ndarray], exc: BaseException) -> DamoError:
     shapes = ", ".join(f"{list(f.shape)} {f.dtype}" for f in feeds)
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    first = first_line(exc)
     return DamoError(
         f"the model cannot run on input {shapes}: {first[:300]}",
         "check the input shape (--input-shape / input_shape) and dtype",

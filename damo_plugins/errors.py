@@ -9,6 +9,12 @@ else is a bug in this project or a plugin and is reported as such.
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (or its type name): backends raise pages of
+    text, of which the first line is what names the problem."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 class DamoError(Exception):
     """A problem with the user's input or environment, explained in one line.
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from damo_plugins.errors import DamoError
+from damo_plugins.errors import DamoError, first_line
 from damo_plugins.keypoints.postprocess import METHODS
 
 OPSETS = (16, 17, 18)
@@ -100,7 +100,7 @@ def export_keypoint_model(
     except DamoError:
         raise
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise DamoError(
             f"keypoint ONNX export failed: {type(exc).__name__}: {first[:300]}"
         ) from exc

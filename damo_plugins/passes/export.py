@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from damo_plugins.artifact import ModelArtifact, TensorSpec, onnx_artifact
-from damo_plugins.errors import DamoError
+from damo_plugins.errors import DamoError, first_line
 from damo_plugins.passes.base import Pass, PassConfig, PassContext
 
 
@@ -117,7 +117,7 @@ def export_onnx(
     except DamoError:
         raise
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise DamoError(
             f"ONNX export ({exporter}) failed: {type(exc).__name__}: {first[:300]}",
             "try exporter: dynamo (or torchscript), or another opset",

@@ -39,7 +39,7 @@ from pydantic import Field
 from torch import nn
 
 from damo_plugins.artifact import ModelArtifact
-from damo_plugins.errors import DamoError
+from damo_plugins.errors import DamoError, first_line
 from damo_plugins.hookspecs import hookimpl
 from damo_plugins.passes.base import Pass, PassConfig, PassContext
 from damo_plugins.passes.fusion import fold_bn, identity_kernel, pad_kernel
@@ -217,7 +217,7 @@ def _graph_fuse(module: nn.Module, path: str, rep: FusionReport, fold: bool) -> 
         children = list(module.named_children())
         if not children:
             if _count_bn(module) or _undeployed(module):
-                why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+                why = first_line(exc)[:120]
                 rep.untraced.append(f"{path or '<root>'} ({type(exc).__name__}: {why})")
             return module
         for name, child in children:

@@ -42,7 +42,7 @@ import numpy as np
 
 from damo_plugins.adapter import Adapter
 from damo_plugins.artifact import ModelArtifact
-from damo_plugins.errors import DamoError, UnsupportedError
+from damo_plugins.errors import DamoError, UnsupportedError, first_line
 from damo_plugins.passes.quantize import (
     AGREEMENT,
     CONST,
@@ -191,7 +191,7 @@ class INCAdapter(Adapter):
             try:
                 exported = export(module, example)
             except Exception as exc:
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                first = first_line(exc)
                 raise DamoError(
                     f"INC could not export the model (torch.export): {first[:300]}",
                     "use --adapter nncf, which converts through OpenVINO",
@@ -290,7 +290,7 @@ class INCAdapter(Adapter):
         try:
             program = torch.export.export(quantized, example)
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = first_line(exc)
             raise DamoError(f"could not re-export INC's quantized model: {first[:300]}") from exc
         if target == "openvino":
             import openvino as ov
@@ -301,7 +301,7 @@ class INCAdapter(Adapter):
             try:
                 model = ov.convert_model(program)
             except Exception as exc:
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                first = first_line(exc)
                 raise DamoError(
                     f"OpenVINO could not convert INC's quantized model: {first[:300]}"
                 ) from exc
@@ -335,7 +335,7 @@ class INCAdapter(Adapter):
                 )
                 proto = onnx_program.model_proto
             except Exception as exc:
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                first = first_line(exc)
                 raise DamoError(
                     f"could not export INC's quantized model to ONNX: {first[:300]}",
                     "use target openvino, or --adapter onnxruntime for ONNX QDQ",

@@ -39,7 +39,7 @@ import numpy as np
 
 from damo_plugins.adapter import Adapter
 from damo_plugins.artifact import ModelArtifact, onnx_artifact
-from damo_plugins.errors import DamoError, UnsupportedError
+from damo_plugins.errors import DamoError, UnsupportedError, first_line
 from damo_plugins.passes.quantize import (
     AGREEMENT,
     CONST,
@@ -316,7 +316,7 @@ class NNCFAdapter(Adapter):
             try:
                 compressed = nncf.compress_weights(model)
             except Exception as exc:
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                first = first_line(exc)
                 raise DamoError(f"NNCF weight compression failed: {first[:300]}") from exc
         return self._result(
             artifact,
@@ -350,7 +350,7 @@ class NNCFAdapter(Adapter):
                 try:
                     model = ov.convert_model(model, example_input=example)
                 except Exception as exc:
-                    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                    first = first_line(exc)
                     raise DamoError(
                         f"OpenVINO could not convert NNCF's quantized PyTorch model: {first[:300]}",
                         "drop torch_backend (the default path quantizes the OpenVINO model)",
@@ -558,7 +558,7 @@ def torch_decode_nodes(model: Any, example: Any) -> list[str]:
 
         graph = build_nncf_graph(model, example)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise DamoError(
             f"NNCF could not trace the PyTorch model: {first[:300]}",
             "drop torch_backend (the default path converts to OpenVINO first)",

@@ -24,7 +24,7 @@ import numpy as np
 
 from damo_plugins.adapter import Adapter
 from damo_plugins.artifact import ModelArtifact, onnx_artifact
-from damo_plugins.errors import DamoError, UnsupportedError
+from damo_plugins.errors import DamoError, UnsupportedError, first_line
 from damo_plugins.passes.quantize import as_feeds, name_onnx_nodes, onnx_decode_nodes
 
 DEVICE_PROVIDERS = {
@@ -207,7 +207,7 @@ class ONNXRuntimeAdapter(Adapter):
             except DamoError:
                 raise
             except Exception as exc:
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                first = first_line(exc)
                 raise DamoError(f"ONNX Runtime quantization failed: {first[:300]}") from exc
             quantized = onnx.load(str(out))
         if head:
