@@ -203,7 +203,9 @@ def test_taylor_importance_keeps_a_trained_detector_far_better_than_l1(tmp_path)
     """On the shipped trained model, filter norms are nearly equal, so L1 picks badly;
     loss-gradient (Taylor) importance, chosen by ``auto`` when data is given, keeps most of
     the mAP at 10 % pruning without any fine-tuning."""
-    art = load_model("damo_plugins/assets/damo-yolo-nano-synth.pt")
+    from damo_plugins.demo import embedded_checkpoint
+
+    art = load_model(embedded_checkpoint())
     data = generate(tmp_path / "data", train=32, val=24, seed=5)
     common = {"ratio": 0.1, "data": str(data), "taylor_images": 32, "scope": "global"}
     res = {}
