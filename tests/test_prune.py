@@ -16,24 +16,12 @@ from damo_plugins.passes.base import PassContext
 from damo_plugins.passes.export import export_onnx
 from damo_plugins.passes.prune import PrunePass
 from damo_plugins.passes.reparam import ReparamPass
+from tests.conftest import randomize_bn
 
 SIZE = 96
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _randomize_bn(model: nn.Module) -> nn.Module:
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +32,7 @@ def art():
         input_shape=[1, 3, SIZE, SIZE],
         model_args={"num_classes": 6, "width": 0.25},
     )
-    _randomize_bn(a.model)
+    randomize_bn(a.model)
     return a
 
 

@@ -14,22 +14,9 @@ from damo_plugins.models.damo_yolo import build_damo_yolo
 from damo_plugins.passes.base import PassContext
 from damo_plugins.passes.export import export_onnx
 from damo_plugins.passes.reparam import ReparamPass, reparameterize
+from tests.conftest import randomize_bn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BN statistics and affine terms, so folding errors cannot hide."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
-    return model.eval()
 
 
 def rel_error(model_a: nn.Module, model_b: nn.Module, x: torch.Tensor) -> float:
