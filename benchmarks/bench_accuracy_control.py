@@ -48,12 +48,13 @@ from typing import Any
 
 from compression_table import ROOT, apply_pass, machine, packaged_checkpoint
 
-from damo_plugins.artifact import ModelArtifact, load_model
-from damo_plugins.errors import DamoError
-from damo_plugins.manager import PluginManager, get_manager
-from damo_plugins.passes.base import PassContext
-from damo_plugins.passes.evaluate import EvaluateConfig, dataset_for, evaluate_artifact
-from damo_plugins.passes.quantize import LabelledDetections
+from damo_plugins.core.artifact import ModelArtifact, load_model
+from damo_plugins.core.errors import DamoError
+from damo_plugins.core.manager import PluginManager, get_manager
+from damo_plugins.core.passes import PassContext
+from damo_plugins.data.evaluate import dataset_for, evaluate_artifact
+from damo_plugins.data.validation import LabelledDetections
+from damo_plugins.plugins.evaluate import EvaluateConfig
 
 DOC = ROOT / "docs" / "benchmarks" / "accuracy_control.md"
 _T0 = time.perf_counter()

@@ -71,12 +71,12 @@ def main() -> None:
     import onnxruntime
     import openvino
 
-    from damo_plugins.artifact import load_model, onnx_artifact
+    from damo_plugins.core.artifact import load_model, onnx_artifact
+    from damo_plugins.core.manager import get_manager
+    from damo_plugins.core.passes import PassContext
     from damo_plugins.data.calibration import generated_images
-    from damo_plugins.manager import get_manager
-    from damo_plugins.passes.base import PassContext
-    from damo_plugins.passes.export import export_onnx
-    from damo_plugins.passes.quantize import compare_int8, runner
+    from damo_plugins.lib.fidelity import compare_int8, runner
+    from damo_plugins.lib.onnx_export import export_onnx
 
     mgr = get_manager()
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}

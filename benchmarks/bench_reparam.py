@@ -61,12 +61,12 @@ def summarize(times: dict[str, dict[str, list[float]]], clock: str) -> tuple[flo
 def main(argv: list[str] | None = None) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from damo_plugins.artifact import build_model
-    from damo_plugins.manager import get_manager
-    from damo_plugins.onnx_utils import ort_session
-    from damo_plugins.passes.base import PassContext
-    from damo_plugins.passes.export import export_onnx
-    from damo_plugins.passes.reparam import ReparamPass
+    from damo_plugins.core.artifact import build_model
+    from damo_plugins.core.manager import get_manager
+    from damo_plugins.core.onnx_utils import ort_session
+    from damo_plugins.core.passes import PassContext
+    from damo_plugins.lib.onnx_export import export_onnx
+    from damo_plugins.plugins.reparam import ReparamPass
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=7)

@@ -39,16 +39,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from damo_plugins.artifact import load_model  # noqa: E402
+from damo_plugins.core.artifact import load_model  # noqa: E402
+from damo_plugins.core.manager import get_manager  # noqa: E402
+from damo_plugins.core.passes import PassContext  # noqa: E402
 from damo_plugins.data.evaluate import evaluate  # noqa: E402
 from damo_plugins.data.synthetic import generate  # noqa: E402
-from damo_plugins.manager import get_manager  # noqa: E402
-from damo_plugins.passes.base import PassContext  # noqa: E402
-from damo_plugins.passes.distill import distill  # noqa: E402
-from damo_plugins.passes.export import export_onnx  # noqa: E402
-from damo_plugins.passes.prune import PrunePass  # noqa: E402
+from damo_plugins.lib.onnx_export import export_onnx  # noqa: E402
+from damo_plugins.plugins.prune import PrunePass  # noqa: E402
+from damo_plugins.train.distill import distill  # noqa: E402
 from damo_plugins.train.loop import FitResult, TrainConfig, fit, save_checkpoint  # noqa: E402
-from damo_plugins.training import data_splits  # noqa: E402
+from damo_plugins.train.trainer import data_splits  # noqa: E402
 
 ASSET = ROOT / "damo_plugins" / "assets" / "damo-yolo-nano-synth"
 SIZE = 256
@@ -63,7 +63,7 @@ def _data(args: argparse.Namespace) -> Path:
 
 
 def _build(width: float) -> Any:
-    from damo_plugins.artifact import build_model
+    from damo_plugins.core.artifact import build_model
 
     mgr = get_manager()
     kwargs = {"num_classes": 6, "width": width}

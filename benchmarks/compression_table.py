@@ -59,11 +59,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from damo_plugins.artifact import ModelArtifact, load_model  # noqa: E402
-from damo_plugins.errors import DamoError  # noqa: E402
-from damo_plugins.manager import PluginManager, get_manager  # noqa: E402
-from damo_plugins.passes.base import PassContext  # noqa: E402
-from damo_plugins.report import human  # noqa: E402
+from damo_plugins.core.artifact import ModelArtifact, load_model  # noqa: E402
+from damo_plugins.core.errors import DamoError  # noqa: E402
+from damo_plugins.core.manager import PluginManager, get_manager  # noqa: E402
+from damo_plugins.core.passes import PassContext  # noqa: E402
+from damo_plugins.core.report import human  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks" / "compression.md"
 PLOT = ROOT / "docs" / "benchmarks" / "compression.png"
@@ -370,7 +370,8 @@ def measure_accuracy(
     rows: list[Row], data: Path, args: argparse.Namespace, mgr: PluginManager
 ) -> dict[str, float]:
     """mAP of every row with the ``evaluate`` pass's code; returns extra figures (bf16)."""
-    from damo_plugins.passes.evaluate import EvaluateConfig, dataset_for, evaluate_artifact
+    from damo_plugins.data.evaluate import dataset_for, evaluate_artifact
+    from damo_plugins.plugins.evaluate import EvaluateConfig
 
     cfg = EvaluateConfig(data=str(data), limit=args.val_images)
     size = int(rows[0].source.inputs[0].concrete()[-1])
@@ -402,7 +403,7 @@ def _runners(
     """One zero-argument inference callable per (row, runtime), compiled once up front."""
     import torch
 
-    from damo_plugins.onnx_utils import ort_session
+    from damo_plugins.core.onnx_utils import ort_session
 
     ov = mgr.get_adapter("openvino")
     runners: dict[tuple[str, str], Callable[[], Any]] = {}
@@ -777,7 +778,7 @@ def write_doc(path: Path, key: str, section: str) -> None:
     for k in order:
         text += f"<!-- section: {k} -->\n{sections[k]}<!-- /section -->\n\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    from damo_plugins.io import write_text
+    from damo_plugins.core.io import write_text
 
     write_text(path, text.rstrip("\n") + "\n")
 

@@ -14,18 +14,18 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from damo_plugins.adapter import Adapter
-from damo_plugins.artifact import ModelArtifact, TensorSpec, load_model
-from damo_plugins.errors import DamoError, UnsupportedError, VerificationError
-from damo_plugins.hookspecs import hookimpl
-from damo_plugins.manager import get_manager
-from damo_plugins.passes.base import Pass, PassConfig, PassContext
-from damo_plugins.verify import Verification
+from damo_plugins.core.adapter import Adapter
+from damo_plugins.core.artifact import ModelArtifact, TensorSpec, load_model
+from damo_plugins.core.errors import DamoError, UnsupportedError, VerificationError
+from damo_plugins.core.hookspecs import hookimpl
+from damo_plugins.core.manager import get_manager
+from damo_plugins.core.passes import Pass, PassConfig, PassContext
+from damo_plugins.core.verify import Verification
 
 
 def run(*args, **kwargs):
-    """Run a recipe; see :func:`damo_plugins.pipeline.run`."""
-    from damo_plugins.pipeline import run as _run
+    """Run a recipe; see :func:`damo_plugins.core.pipeline.run`."""
+    from damo_plugins.core.pipeline import run as _run
 
     return _run(*args, **kwargs)
 

@@ -8,81 +8,22 @@ traceback is shown only with ``--debug``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from damo_plugins import __version__
-from damo_plugins.errors import DamoError
+from damo_plugins.core.errors import DamoError
+from damo_plugins.core.verbs import add_model_args, log, model_from_args, print_json
 
 PROG = "damo-opt"
 
 
-def _shape(text: str) -> list[int]:
-    try:
-        dims = [int(d) for d in text.replace("x", ",").split(",") if d.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a shape like 1,3,640,640") from None
-    if not dims or any(d <= 0 for d in dims):
-        raise argparse.ArgumentTypeError(f"'{text}' is not a shape of positive integers")
-    return dims
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """The options every verb taking a MODEL shares."""
-    p.add_argument(
-        "model", help="a registered model (e.g. damo-yolo-s) or a .pt/.pth/.onnx/.xml file"
-    )
-    p.add_argument("--input-shape", type=_shape, help="input shape, e.g. 1,3,640,640")
-    p.add_argument("--arch", help="builder for a checkpoint holding weights only")
-    p.add_argument(
-        "--model-arg",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="builder argument (value parsed as JSON when possible), repeatable",
-    )
-
-
-def parse_model_args(items: Sequence[str]) -> dict[str, Any]:
-    """``--model-arg KEY=VALUE`` options -> builder kwargs (values parsed as JSON if they can be)."""
-    kwargs: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise DamoError(f"--model-arg '{item}' is not KEY=VALUE")
-        key, value = item.split("=", 1)
-        try:
-            kwargs[key] = json.loads(value)
-        except ValueError:
-            kwargs[key] = value
-    return kwargs
-
-
-def load_model_from_args(args: argparse.Namespace) -> Any:
-    from damo_plugins.artifact import load_model
-    from damo_plugins.manager import get_manager
-
-    kwargs = parse_model_args(args.model_arg)
-    return load_model(
-        args.model,
-        manager=get_manager(),
-        input_shape=args.input_shape,
-        model_args=kwargs,
-        arch=args.arch,
-    )
-
-
-def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, default=str))
-
-
 # ------------------------------------------------------------------------- verbs
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from damo_plugins.manager import get_manager
+    from damo_plugins.core.manager import get_manager
 
     mgr = get_manager()
     rows = []
@@ -109,7 +50,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
                 }
             )
     if args.json:
-        _print_json(rows)
+        print_json(rows)
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -133,9 +74,9 @@ def _term_width() -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from damo_plugins.manager import get_manager
-    from damo_plugins.pipeline import run
-    from damo_plugins.recipe import check_chain, load_recipe
+    from damo_plugins.core.manager import get_manager
+    from damo_plugins.core.pipeline import run
+    from damo_plugins.core.recipe import check_chain, load_recipe
 
     mgr = get_manager()
     loaded = load_recipe(args.recipe, mgr)
@@ -153,58 +94,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         output=args.output,
         verify=not args.no_verify,
         force=args.force,
-        log=_log,
+        log=log,
     )
     print(f"report: {res.output / 'report.md'}")
     return 0
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from damo_plugins.artifact import onnx_artifact
-    from damo_plugins.io import atomic_path
-    from damo_plugins.passes.export import export_onnx
-    from damo_plugins.verify import parity
-
-    art = load_model_from_args(args)
-    if art.format != "torch":
-        raise DamoError(f"export takes a PyTorch model, not {art.format}")
-    out = Path(args.output or f"{Path(str(args.model)).stem}.onnx")
-    _refuse_overwrite(out, args, art)
-    _log(f"exporting to ONNX (opset {args.opset}) ...")
-    proto = export_onnx(
-        art, opset=args.opset, dynamic_batch=args.dynamic_batch, exporter=args.exporter
-    )
-    feeds = art.example_inputs()
-    ver = parity(art.run(feeds), onnx_artifact(proto).run(feeds), args.tolerance)
-    _log(f"ONNX Runtime vs PyTorch: {ver.message}")
-    if not ver.passed:
-        raise DamoError(
-            f"exported model does not match PyTorch: {ver.message}", "nothing was written"
-        )
-    with atomic_path(out) as tmp:
-        tmp.write_bytes(proto.SerializeToString())
-    print(out)
-    return 0
-
-
-def _refuse_overwrite(out: Path, args: argparse.Namespace, art: Any = None) -> None:
-    if art is not None and art.path is not None and out.resolve() == Path(art.path).resolve():
-        raise DamoError(f"refusing to overwrite the input model {out}", "choose another -o")
-    if out.exists() and not getattr(args, "force", False):
-        raise DamoError(f"{out} already exists", "use --force to overwrite it")
-
-
 def cmd_info(args: argparse.Namespace) -> int:
-    art = load_model_from_args(args)
+    art = model_from_args(args)
     info = art.summary()
     if args.json:
-        _print_json(info)
+        print_json(info)
         return 0
-    from damo_plugins.report import human
+    from damo_plugins.core.report import human
 
     print(f"format: {info['format']}")
     print(f"params: {human(info['params'])} ({info['params']})")
@@ -216,11 +118,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    from damo_plugins.manager import get_manager
+    from damo_plugins.core.manager import get_manager
 
     rows = [c.obj.describe() for c in get_manager().contributions("adapter")]
     if args.json:
-        _print_json(rows)
+        print_json(rows)
         return 0
     if not rows:
         print("no adapters installed (pip install -e adapters/<name>)")
@@ -236,14 +138,14 @@ def cmd_devices(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from damo_plugins.demo import run_demo
 
-    res = run_demo(output=args.output, force=args.force, quick=args.quick, log=_log)
+    res = run_demo(output=args.output, force=args.force, quick=args.quick, log=log)
     print(f"report: {res.output / 'report.md'}")
     return 0
 
 
 # -------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    from damo_plugins.manager import get_manager
+    from damo_plugins.core.manager import get_manager
 
     parser = argparse.ArgumentParser(
         prog=PROG, description="Compress and deploy DAMO-YOLO-family models through plugins."
@@ -263,16 +165,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip each step's verification")
     p.add_argument("--force", action="store_true", help="overwrite an existing output folder")
     p.set_defaults(func=cmd_run)
-
-    p = sub.add_parser("export", help="export a PyTorch model to ONNX, verified in ONNX Runtime")
-    add_model_args(p)
-    p.add_argument("-o", "--output", help="ONNX file to write")
-    p.add_argument("--opset", type=int, default=17, choices=range(16, 21), metavar="16..20")
-    p.add_argument("--dynamic-batch", action="store_true")
-    p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript")
-    p.add_argument("--tolerance", type=float, default=1e-4)
-    p.add_argument("--force", action="store_true")
-    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("info", help="format, inputs/outputs, params and FLOPs of a model")
     add_model_args(p)

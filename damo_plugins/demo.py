@@ -19,8 +19,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from damo_plugins.manager import get_manager
-from damo_plugins.pipeline import RunResult, run
+from damo_plugins.core.manager import get_manager
+from damo_plugins.core.pipeline import RunResult, run
 
 #: the embedded model, inside the package (``damo_plugins/assets``)
 EMBEDDED = "damo-yolo-nano-synth.pt"
@@ -77,7 +77,7 @@ def run_demo(
     quick: bool = False,
     log: Callable[[str], None] = print,
 ) -> RunResult:
-    from damo_plugins.recipe import load_recipe
+    from damo_plugins.core.recipe import load_recipe
 
     recipe = demo_recipe(quick)
     if embedded_checkpoint() is None:

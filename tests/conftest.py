@@ -11,20 +11,13 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # Two workers on two cores: one thread each avoids oversubscription.
-    import torch
-
-    torch.set_num_threads(1)
-
 
 def write_dist(
     root: Path, dist: str, modules: dict[str, str], entry_points: dict[str, str]
@@ -96,10 +89,10 @@ def _seeded() -> None:
     torch.manual_seed(0)
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """One intra-op thread for a module: on a shared 2-core machine two spinning torch
-    threads made small training steps ~20x slower."""
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> Iterator[None]:
+    """One intra-op thread per test process: two workers on two shared cores, and two
+    spinning torch threads made small training steps ~20x slower."""
     import torch
 
     before = torch.get_num_threads()

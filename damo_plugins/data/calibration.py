@@ -38,11 +38,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from damo_plugins.errors import DamoError
-from damo_plugins.hookspecs import hookimpl
+from damo_plugins.core.errors import DamoError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from damo_plugins.manager import PluginManager
+    from damo_plugins.core.manager import PluginManager
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 RESIZE_MODES = ("letterbox", "stretch")
@@ -320,7 +319,7 @@ def resolve_calibration(
     ``spec`` is a folder, a ``.npy``/``.npz`` path, ``generated``/``generated:N``, a
     registered source name, or a mapping ``{source: main_argument, option: value, ...}``.
     """
-    from damo_plugins.manager import get_manager, suggest
+    from damo_plugins.core.manager import get_manager, suggest
 
     mgr = manager or get_manager()
     known = mgr.names("calibration")
@@ -380,13 +379,3 @@ def resolve_calibration(
     if not items:
         raise DamoError(f"calibration source '{name}' produced no samples")
     return CalibrationSet(name, len(items), items.__getitem__)
-
-
-@hookimpl
-def damo_calibration_sources() -> dict[str, Callable[..., Any]]:
-    return {
-        "images": read_images,
-        "numpy": read_numpy,
-        "generated": generated_images,
-        "synthetic": synthetic_images,
-    }

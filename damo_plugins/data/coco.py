@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from damo_plugins.errors import DamoError
+from damo_plugins.core.errors import DamoError
 
 
 def letterbox(

@@ -13,14 +13,20 @@ class, and the best ``max_det`` survive.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
-from damo_plugins.errors import DamoError
+from damo_plugins.core.errors import DamoError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from damo_plugins.core.artifact import ModelArtifact
 
 
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -251,3 +257,46 @@ def detection_map(
         dets += to_coco_detections(res, [info], cat_ids)
         ids.append(int(info["image_id"]))
     return coco_map(annotations, dets, image_ids=ids)
+
+
+# ------------------------------------------------- artifacts (any format) on a data set
+@functools.lru_cache(maxsize=4)
+def generated_data(images: int, seed: int) -> Path:
+    """The synthetic validation set, written once per process (deterministic)."""
+    from damo_plugins.data.synthetic import generate
+
+    root = Path(tempfile.mkdtemp(prefix="damo-eval-data-"))
+    return generate(root, train=0, val=images, seed=seed)
+
+
+def dataset_for(cfg: Any, img_size: int) -> Any:
+    from damo_plugins.data.coco import CocoDetection
+
+    root = generated_data(cfg.images, cfg.seed) if cfg.data == "generated" else Path(cfg.data)
+    images, annotations = root / cfg.split, root / f"{cfg.split}.json"
+    if not annotations.is_file():
+        raise DamoError(
+            f"no annotations at {annotations}", "give data: DIR with DIR/val.json, or 'generated'"
+        )
+    return CocoDetection(images, annotations, img_size, augment=False)
+
+
+def evaluate_artifact(
+    artifact: ModelArtifact, dataset: Any, cfg: Any, manager: Any = None
+) -> dict[str, float]:
+    """mAP of a torch/ONNX/OpenVINO detector artifact (one image per inference)."""
+    import torch
+
+    from damo_plugins.data.evaluate import coco_map, postprocess, split_outputs, to_coco_detections
+
+    n = len(dataset) if cfg.limit is None else min(cfg.limit, len(dataset))
+    dets: list[dict[str, Any]] = []
+    ids: list[int] = []
+    for i in range(n):
+        image, _, info = dataset[i]
+        outs = artifact.run([image[None].numpy().astype(np.float32)], manager)
+        scores, boxes = split_outputs([torch.from_numpy(np.asarray(o)) for o in outs])
+        res = postprocess(scores, boxes, conf=cfg.conf, iou=cfg.iou)
+        dets += to_coco_detections(res, [info], dataset.cat_ids)
+        ids.append(int(info["image_id"]))
+    return coco_map(dataset.annotations, dets, image_ids=ids)

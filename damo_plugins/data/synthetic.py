@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from damo_plugins.errors import DamoError
-from damo_plugins.io import write_text
+from damo_plugins.core.errors import DamoError
+from damo_plugins.core.io import write_text
 
 CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "ring", "cross", "star")
 #: hue (degrees) each class leans towards

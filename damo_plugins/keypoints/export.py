@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from damo_plugins.errors import DamoError, first_line
+from damo_plugins.core.errors import DamoError, first_line
 from damo_plugins.keypoints.postprocess import METHODS
 
 OPSETS = (16, 17, 18)
@@ -130,7 +130,7 @@ def export_postprocess(opset: int = 17, method: str = "loop", num_keypoints: int
 def ort_runner(
     proto: Any, threads: int | None = None
 ) -> Callable[[Sequence[np.ndarray]], np.ndarray]:
-    from damo_plugins.onnx_utils import ort_session
+    from damo_plugins.core.onnx_utils import ort_session
 
     sess = ort_session(proto, threads=threads)
     names = [i.name for i in sess.get_inputs()]

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from damo_plugins.errors import DamoError
+from damo_plugins.core.errors import DamoError
 from damo_plugins.keypoints.postprocess import METHODS
 from damo_plugins.keypoints.roi_align import ROIAlign
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from damo_plugins.errors import DamoError
+from damo_plugins.core.errors import DamoError
 
 #: PyTorch's bicubic coefficient (``upsample_bicubic2d``); ONNX ``Resize`` uses the same.
 CUBIC_A = -0.75

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from damo_plugins.errors import DamoError
+from damo_plugins.core.errors import DamoError
 
 
 def roi_align_reference(

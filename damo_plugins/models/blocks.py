@@ -140,7 +140,7 @@ class RepConv(nn.Module):
         """Replace the branches by one equivalent conv (exact up to float rounding)."""
         if self.deployed:
             return
-        from damo_plugins.passes.fusion import fold_bn, identity_kernel, pad_kernel
+        from damo_plugins.lib.fusion import fold_bn, identity_kernel, pad_kernel
 
         k = self.kernel_size
         w, b = fold_bn(self.rbr_dense.conv.weight, None, self.rbr_dense.bn)

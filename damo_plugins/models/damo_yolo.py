@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from damo_plugins.errors import DamoError
+from damo_plugins.core.errors import DamoError
 from damo_plugins.models.backbone import TinyNASCSP, TinyNASRes, default_out_indices
 from damo_plugins.models.head import ZeroHead
 from damo_plugins.models.neck import GiraffeNeckV2

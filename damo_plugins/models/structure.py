@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from damo_plugins.errors import DamoError
+from damo_plugins.core.errors import DamoError
 
 STEM = "ConvKXBNRELU"
 K1KX = "SuperResConvK1KX"
@@ -65,7 +65,7 @@ def parse_structure(
 
 def load_structure(path: str | Path) -> Structure:
     """Read a structure file (``.json`` or DAMO-YOLO's ``.txt`` literal format)."""
-    from damo_plugins.io import check_input_file
+    from damo_plugins.core.io import check_input_file
 
     p = check_input_file(path, "structure")
     return parse_structure(p.read_bytes(), str(p))

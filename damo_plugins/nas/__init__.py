@@ -10,5 +10,5 @@
 * :mod:`~damo_plugins.nas.backbone` - torch backbones of a structure (plain for entropy; the
   detector's for measurements)
 
-The command line is ``damo-opt nas score | search | profile`` (:mod:`damo_plugins.passes.nas`).
+The command line is ``damo-opt nas score | search | profile`` (:mod:`damo_plugins.plugins.nas`).
 """

@@ -43,7 +43,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from damo_plugins.errors import DamoError
+from damo_plugins.core.errors import DamoError
 from damo_plugins.models.structure import K1KX, KXKX, STEM, Structure, validate_structure
 
 #: one block of a genome: (out channels, bottleneck channels, kernel, depth L)

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from damo_plugins.errors import DamoError
+from damo_plugins.core.errors import DamoError
 from damo_plugins.nas.analysis import Analyzer, ConvOp, Genome, join
 from damo_plugins.nas.space import SearchSpace
 
@@ -264,13 +264,13 @@ class LatencyTable:
         }
 
     def save(self, path: str | Path) -> Path:
-        from damo_plugins.io import write_bytes
+        from damo_plugins.core.io import write_bytes
 
         return write_bytes(path, (json.dumps(self.to_json(), indent=1) + "\n").encode())
 
     @classmethod
     def load(cls, path: str | Path) -> LatencyTable:
-        from damo_plugins.io import check_input_file
+        from damo_plugins.core.io import check_input_file
 
         p = check_input_file(path, "latency table")
         try:

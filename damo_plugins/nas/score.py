@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
-from damo_plugins.errors import DamoError
+from damo_plugins.core.errors import DamoError
 from damo_plugins.nas.analysis import Analyzer, Genome, Structure, analyzer_for, join
 
 #: DAMO-YOLO's stage weights (configs/damoyolo/*.py upstream: multi_block_ratio)

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from damo_plugins.errors import DamoError
+from damo_plugins.core.errors import DamoError
 from damo_plugins.models.structure import Structure, dumps_json, dumps_text, validate_structure
 from damo_plugins.nas.analysis import ANALYSIS_VERSION, Genome, Metrics, join
 from damo_plugins.nas.latency import LatencyTable
@@ -345,7 +345,7 @@ class Search:
         pop: list[Member],
         seconds: float,
     ) -> None:
-        from damo_plugins.io import write_text
+        from damo_plugins.core.io import write_text
 
         state = {
             "format": CHECKPOINT_FORMAT,
@@ -394,7 +394,7 @@ def _rng_from_json(data: list[Any]) -> tuple[Any, ...]:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    from damo_plugins.io import check_input_file
+    from damo_plugins.core.io import check_input_file
 
     p = check_input_file(path, "checkpoint")
     try:
@@ -465,7 +465,7 @@ def write_outputs(
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Path]:
     """best.json / best.txt (the structure), report.json, report.md and curve.png."""
-    from damo_plugins.io import write_text
+    from damo_plugins.core.io import write_text
 
     outdir = Path(outdir)
     files = {
@@ -558,7 +558,7 @@ def plot_curve(
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    from damo_plugins.io import atomic_path
+    from damo_plugins.core.io import atomic_path
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([p[0] for p in curve], [p[1] for p in curve], lw=1.5, label="best in population")

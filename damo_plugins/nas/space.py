@@ -25,7 +25,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from damo_plugins.errors import DamoError
+from damo_plugins.core.errors import DamoError
 from damo_plugins.models.structure import K1KX, KXKX, STEM, Structure
 from damo_plugins.nas.analysis import Analyzer, Blueprint, Gene, Genome, split
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from damo_plugins.errors import DamoError
+from damo_plugins.core.errors import DamoError
 from damo_plugins.models.structure import Structure, load_structure
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"

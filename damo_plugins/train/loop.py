@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from damo_plugins.errors import DamoError
-from damo_plugins.io import atomic_path, write_text
+from damo_plugins.core.errors import DamoError
+from damo_plugins.core.io import atomic_path, write_text
 from damo_plugins.train.losses import DetectionLoss
 
 CHECKPOINT_KEY = "damo_plugins_checkpoint"
@@ -172,7 +172,7 @@ def save_checkpoint(
 
 def load_train_state(path: str | Path) -> dict[str, Any]:
     """The ``train_state`` of a ``last.pt`` (weights_only)."""
-    from damo_plugins.io import check_input_file
+    from damo_plugins.core.io import check_input_file
 
     p = check_input_file(path, "checkpoint")
     try:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from damo_plugins.hookspecs import hookimpl
+from damo_plugins.core.hookspecs import hookimpl
 
 
 @hookimpl

@@ -5,7 +5,7 @@ straight to ``prepare`` fails) -> ``prepare(model, StaticQuantConfig(...))`` -> 
 -> ``convert``; with ``max_drop``, ``autotune`` over a ``TuningConfig`` (a list of configs)
 with an evaluation function and that accuracy goal. The evaluation function is COCO
 mAP@[.5:.95] when the validation data is labelled
-(:class:`~damo_plugins.passes.quantize.LabelledDetections`), else agreement with the FP32
+(:class:`~damo_plugins.data.validation.LabelledDetections`), else agreement with the FP32
 model, or the caller's ``validation_fn``. ``max_drop`` is an absolute drop of that metric;
 INC's ``tolerable_loss`` is relative to the FP32 baseline, so it gets ``max_drop / baseline``
 (which is also why a baseline of 0 is refused up front: INC would divide by it).
@@ -40,23 +40,11 @@ from typing import Any
 
 import numpy as np
 
-from damo_plugins.adapter import Adapter
-from damo_plugins.artifact import ModelArtifact
-from damo_plugins.errors import DamoError, UnsupportedError, first_line
-from damo_plugins.passes.quantize import (
-    AGREEMENT,
-    CONST,
-    INPUT,
-    MAP,
-    OP,
-    SHAPE,
-    SIGNATURE,
-    STOP,
-    LabelledDetections,
-    as_feeds,
-    fidelity,
-    walk_decode,
-)
+from damo_plugins.core.adapter import AGREEMENT, MAP, Adapter, LabelledData, is_labelled
+from damo_plugins.core.artifact import ModelArtifact
+from damo_plugins.core.errors import DamoError, UnsupportedError, first_line
+from damo_plugins.lib.decode import CONST, INPUT, OP, SHAPE, SIGNATURE, STOP, walk_decode
+from damo_plugins.lib.fidelity import as_feeds, fidelity
 
 
 @contextlib.contextmanager
@@ -169,7 +157,7 @@ class INCAdapter(Adapter):
             # Checked on the eager FP32 model before the (slow) export: a bad metric fails fast.
             if validation_fn is not None:
                 metric = validation_fn
-            elif isinstance(validation, LabelledDetections):
+            elif is_labelled(validation):
                 metric, metric_name = _map_metric(validation), MAP
             else:
                 metric, metric_name = _agreement_metric(module, validation), AGREEMENT
@@ -295,8 +283,12 @@ class INCAdapter(Adapter):
         if target == "openvino":
             import openvino as ov
 
-            from damo_openvino.adapter import _name_ports, _param_count, _specs
-            from damo_openvino.graph import count_types
+            from damo_plugins.lib.openvino_graph import (
+                count_types,
+                ir_param_count,
+                name_ports,
+                port_specs,
+            )
 
             try:
                 model = ov.convert_model(program)
@@ -316,13 +308,13 @@ class INCAdapter(Adapter):
                 p.get_partial_shape().is_static for p in model.inputs
             ):
                 model.reshape({i: ov.PartialShape(shape) for i, shape in enumerate(static)})
-            _name_ports(model, artifact)
+            name_ports(model, artifact)
             out = artifact.derive("openvino", model)
-            out.inputs, out.outputs = _specs(model.inputs), _specs(model.outputs)
-            out.meta["params"] = _param_count(model)
+            out.inputs, out.outputs = port_specs(model.inputs), port_specs(model.outputs)
+            out.meta["params"] = ir_param_count(model)
             info["fake_quantize"] = count_types(model, "FakeQuantize")
         else:
-            from damo_plugins.artifact import onnx_artifact
+            from damo_plugins.core.artifact import onnx_artifact
 
             try:
                 onnx_program = torch.onnx.export(
@@ -360,7 +352,7 @@ def _torch_run(model: Any) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
     return run
 
 
-def _map_metric(valset: LabelledDetections) -> Callable[[Any], float]:
+def _map_metric(valset: LabelledData) -> Callable[[Any], float]:
     """Evaluation function: COCO mAP@[.5:.95] of a (FP32 or INT8) PyTorch model."""
     return lambda model: valset.score(_torch_run(model))
 

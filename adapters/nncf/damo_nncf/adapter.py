@@ -5,7 +5,7 @@
   correction, target device and ignored scope;
 * ``nncf.quantize_with_accuracy_control`` when ``max_drop`` is given. The validation
   function is COCO mAP@[.5:.95] when the validation data is labelled
-  (:class:`~damo_plugins.passes.quantize.LabelledDetections`; ``max_drop`` is then an
+  (:class:`~damo_plugins.data.validation.LabelledDetections`; ``max_drop`` is then an
   absolute mAP drop), else agreement with the FP32 model (:func:`fidelity`, no labels
   needed), or the caller's ``validation_fn``. The FP32 and INT8 values are measured
   before/after and reported; a result outside ``max_drop`` is an error, not a silent pass;
@@ -20,9 +20,9 @@ We check those up front and raise NNCF's extension-load timeout (60 s by default
 for a first build on a busy machine) unless the user set ``NNCF_EXTENSION_LOAD_TIMEOUT``.
 
 The detector decode is kept in floating point by default (``keep_head_fp``): its ops go into
-``IgnoredScope(names=...)``, found structurally (see :mod:`damo_plugins.passes.quantize`).
+``IgnoredScope(names=...)``, found structurally (see :mod:`damo_plugins.lib.decode`).
 For OpenVINO the decode's broadcast constants are expanded first, which avoids a CPU plugin
-compile failure on DAMO-YOLO (see :mod:`damo_openvino.graph`).
+compile failure on DAMO-YOLO (see :mod:`damo_plugins.lib.openvino_graph`).
 """
 
 from __future__ import annotations
@@ -37,24 +37,20 @@ from typing import Any
 
 import numpy as np
 
-from damo_plugins.adapter import Adapter
-from damo_plugins.artifact import ModelArtifact, onnx_artifact
-from damo_plugins.errors import DamoError, UnsupportedError, first_line
-from damo_plugins.passes.quantize import (
-    AGREEMENT,
+from damo_plugins.core.adapter import AGREEMENT, MAP, Adapter, LabelledData, is_labelled
+from damo_plugins.core.artifact import ModelArtifact, onnx_artifact
+from damo_plugins.core.errors import DamoError, UnsupportedError, first_line
+from damo_plugins.lib.decode import (
     CONST,
     INPUT,
-    MAP,
     OP,
     SIGNATURE,
     STOP,
-    LabelledDetections,
-    as_feeds,
-    fidelity,
     name_onnx_nodes,
     onnx_decode_nodes,
     walk_decode,
 )
+from damo_plugins.lib.fidelity import as_feeds, fidelity
 
 #: NNCF's extension-load timeout when the user has not set one: a first build of the C++
 #: extension took ~60 s on an idle core here and several minutes on a loaded machine.
@@ -98,7 +94,7 @@ class NNCFAdapter(Adapter):
         if target == "openvino":
             if artifact.format == "openvino":
                 return "openvino", artifact.model.clone()
-            from damo_plugins.manager import get_manager
+            from damo_plugins.core.manager import get_manager
 
             ov_adapter = get_manager().adapter_for_format("openvino")
             return "openvino", ov_adapter.convert(artifact).model
@@ -110,7 +106,7 @@ class NNCFAdapter(Adapter):
                 proto.CopyFrom(artifact.model)
                 return "onnx", name_onnx_nodes(proto)
             if artifact.format == "torch":
-                from damo_plugins.passes.export import export_onnx
+                from damo_plugins.lib.onnx_export import export_onnx
 
                 return "onnx", name_onnx_nodes(export_onnx(artifact))
             raise UnsupportedError(
@@ -130,7 +126,7 @@ class NNCFAdapter(Adapter):
     ) -> tuple[Any, list[str]]:
         head: list[str] = []
         if keep_head_fp and kind == "openvino":
-            from damo_openvino.graph import broadcast_decode_constants, decode_nodes
+            from damo_plugins.lib.openvino_graph import broadcast_decode_constants, decode_nodes
 
             head = decode_nodes(model)
             if head:
@@ -262,7 +258,7 @@ class NNCFAdapter(Adapter):
             raise UnsupportedError(
                 "accuracy control is not offered on NNCF's torch path here", "drop torch_backend"
             )
-        items: Any = validation if isinstance(validation, LabelledDetections) else list(validation)
+        items: Any = validation if is_labelled(validation) else list(validation)
         if len(items) == 0:
             raise DamoError("the validation set is empty")
         transform = _transform(kind, model)
@@ -276,7 +272,7 @@ class NNCFAdapter(Adapter):
         # Our metrics see item indices: the mAP needs to know which image each output is of.
         val_ds = nncf.Dataset(list(range(len(items))), lambda i: transform(items[i]))
         every = list(range(len(items)))
-        if isinstance(items, LabelledDetections):
+        if is_labelled(items):
             metric_name, fn = MAP, _map_fn(items, kind)
             baseline = fn(_candidate(kind, model), every)[0]
             if not np.isfinite(baseline) or baseline <= 0:
@@ -356,18 +352,17 @@ class NNCFAdapter(Adapter):
                         "drop torch_backend (the default path quantizes the OpenVINO model)",
                     ) from exc
             if keep_head_fp:
-                from damo_openvino.graph import broadcast_decode_constants, decode_nodes
+                from damo_plugins.lib.openvino_graph import broadcast_decode_constants, decode_nodes
 
                 # The same CPU-plugin compile workaround as on the OpenVINO path.
                 broadcast_decode_constants(model, decode_nodes(model))
             kind = "openvino"
         if kind == "openvino":
-            from damo_openvino.adapter import _param_count, _specs
-            from damo_openvino.graph import count_types
+            from damo_plugins.lib.openvino_graph import count_types, ir_param_count, port_specs
 
             out = artifact.derive("openvino", model)
-            out.inputs, out.outputs = _specs(model.inputs), _specs(model.outputs)
-            out.meta["params"] = _param_count(model)
+            out.inputs, out.outputs = port_specs(model.inputs), port_specs(model.outputs)
+            out.meta["params"] = ir_param_count(model)
             info["fake_quantize"] = count_types(model, "FakeQuantize")
         else:
             out = onnx_artifact(
@@ -406,7 +401,7 @@ class _Runner:
     def __call__(self, candidate: Any, feeds: list[np.ndarray]) -> list[np.ndarray]:
         if hasattr(candidate, "SerializeToString"):
             if self._session is None or self._session[0] is not candidate:
-                from damo_plugins.onnx_utils import ort_session
+                from damo_plugins.core.onnx_utils import ort_session
 
                 # one at a time: NNCF tries one candidate model after another
                 self._session = (candidate, ort_session(candidate))
@@ -424,9 +419,9 @@ def _compile_f32(model: Any) -> Any:
     the final INT8 model that way adds ~1e-3 of noise to the mAP, enough to turn a result NNCF
     accepted into a reported failure of ``max_drop``.
     """
-    from damo_openvino.adapter import core
+    from damo_plugins.lib.openvino_graph import ov_core
 
-    return core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return ov_core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
 
 
 def _candidate(kind: str, model: Any) -> Any:
@@ -437,7 +432,7 @@ def _candidate(kind: str, model: Any) -> Any:
 
 
 def _map_fn(
-    valset: LabelledDetections, kind: str
+    valset: LabelledData, kind: str
 ) -> Callable[[Any, Iterable[int]], tuple[float, list[list[np.ndarray]] | None]]:
     """Validation function: COCO mAP@[.5:.95] of a candidate on the labelled images.
 
@@ -468,7 +463,7 @@ def _agreement_fn(
         refs = [[np.asarray(v) for v in compiled(as_feeds(x)).values()] for x in items]
         names = [sorted(o.get_names())[0] if o.get_names() else "" for o in model.outputs]
     else:
-        from damo_plugins.onnx_utils import ort_session
+        from damo_plugins.core.onnx_utils import ort_session
 
         sess = ort_session(model)
         in_names = [i.name for i in sess.get_inputs()]

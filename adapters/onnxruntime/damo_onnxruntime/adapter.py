@@ -22,10 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from damo_plugins.adapter import Adapter
-from damo_plugins.artifact import ModelArtifact, onnx_artifact
-from damo_plugins.errors import DamoError, UnsupportedError, first_line
-from damo_plugins.passes.quantize import as_feeds, name_onnx_nodes, onnx_decode_nodes
+from damo_plugins.core.adapter import Adapter
+from damo_plugins.core.artifact import ModelArtifact, onnx_artifact
+from damo_plugins.core.errors import DamoError, UnsupportedError, first_line
+from damo_plugins.lib.decode import name_onnx_nodes, onnx_decode_nodes
+from damo_plugins.lib.fidelity import as_feeds
 
 DEVICE_PROVIDERS = {
     "CPU": ["CPUExecutionProvider"],
@@ -61,7 +62,7 @@ class ONNXRuntimeAdapter(Adapter):
         if artifact.format == "onnx":
             return artifact.model
         if artifact.format == "torch":
-            from damo_plugins.passes.export import export_onnx
+            from damo_plugins.lib.onnx_export import export_onnx
 
             return export_onnx(artifact)
         raise UnsupportedError(
@@ -78,7 +79,7 @@ class ONNXRuntimeAdapter(Adapter):
         **_: Any,
     ) -> Any:
         """An ``InferenceSession``; ``providers`` not available here are a clear error listing those that are."""
-        from damo_plugins.onnx_utils import ort_session
+        from damo_plugins.core.onnx_utils import ort_session
 
         self.require_backend()
         if providers is None:
@@ -153,7 +154,7 @@ class ONNXRuntimeAdapter(Adapter):
             raise DamoError("the calibration set is empty", "give a folder or file with samples")
         with tempfile.TemporaryDirectory(prefix="damo-ort-q-") as tmp:
             src, pre, out = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
-            from damo_plugins.onnx_utils import MAX_ORT_IR_VERSION
+            from damo_plugins.core.onnx_utils import MAX_ORT_IR_VERSION
 
             source.ir_version = min(source.ir_version, MAX_ORT_IR_VERSION)
             src.write_bytes(source.SerializeToString())
@@ -249,7 +250,7 @@ class ONNXRuntimeAdapter(Adapter):
         import os
         from concurrent.futures import ThreadPoolExecutor
 
-        from damo_plugins.passes.benchmark import measure_latency, summarize_ms
+        from damo_plugins.lib.timing import measure_latency, summarize_ms
 
         if hint not in ("latency", "throughput"):
             raise DamoError(f"unknown benchmark hint '{hint}'", "use latency or throughput")

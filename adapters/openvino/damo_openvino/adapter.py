@@ -3,7 +3,7 @@
 * devices are named as OpenVINO names them (``CPU``, ``GPU``, ``NPU``, ``AUTO``,
   ``AUTO:GPU,CPU``); one that is not present here is a clear error listing those that are;
 * ``compile`` takes a performance hint (``latency`` / ``throughput``);
-* ``benchmark`` measures like ``benchmark_app`` (see :mod:`damo_plugins.passes.benchmark`);
+* ``benchmark`` measures like ``benchmark_app`` (see :mod:`damo_plugins.lib.timing`);
   throughput runs an ``AsyncInferQueue`` under the THROUGHPUT hint;
 * :meth:`OpenVINOAdapter.infer_stream` is memory-flat batched inference
   (:mod:`damo_openvino.stream`);
@@ -24,21 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from damo_plugins.adapter import Adapter
-from damo_plugins.artifact import ModelArtifact, TensorSpec
-from damo_plugins.errors import DamoError, UnsupportedError
-
-_CORE: Any = None
-
-
-def core() -> Any:
-    """One ``ov.Core`` per process (creating it enumerates devices, which is slow)."""
-    global _CORE
-    if _CORE is None:
-        import openvino as ov
-
-        _CORE = ov.Core()
-    return _CORE
+from damo_plugins.core.adapter import Adapter
+from damo_plugins.core.artifact import ModelArtifact
+from damo_plugins.core.errors import DamoError, UnsupportedError
+from damo_plugins.lib.openvino_graph import ir_param_count, name_ports, ov_core, port_specs
 
 
 class OpenVINOAdapter(Adapter):
@@ -53,7 +42,7 @@ class OpenVINOAdapter(Adapter):
 
     def devices(self) -> list[str]:
         self.require_backend()
-        return list(core().available_devices)
+        return list(ov_core().available_devices)
 
     def check_device(self, device: str) -> str:
         """Accept a present device, or AUTO/MULTI/HETERO over present devices only."""
@@ -77,7 +66,7 @@ class OpenVINOAdapter(Adapter):
             names = {}
             for d in info["devices"]:
                 try:
-                    names[d] = str(core().get_property(d, "FULL_DEVICE_NAME"))
+                    names[d] = str(ov_core().get_property(d, "FULL_DEVICE_NAME"))
                 except Exception:
                     names[d] = "?"
             info["device_names"] = names
@@ -123,12 +112,12 @@ class OpenVINOAdapter(Adapter):
         except Exception as exc:
             first = ov_message(exc)
             raise DamoError(f"OpenVINO could not convert the model: {first[:300]}") from exc
-        _name_ports(model, artifact)
+        name_ports(model, artifact)
         out = artifact.derive("openvino", model)
         out.meta["compress_to_fp16"] = compress_to_fp16
-        out.meta["params"] = _param_count(model)
-        out.inputs = _specs(model.inputs)
-        out.outputs = _specs(model.outputs)
+        out.meta["params"] = ir_param_count(model)
+        out.inputs = port_specs(model.inputs)
+        out.outputs = port_specs(model.outputs)
         return out
 
     # ------------------------------------------------------------- files
@@ -157,7 +146,7 @@ class OpenVINOAdapter(Adapter):
         if not bin_path.exists():
             raise DamoError(f"OpenVINO IR {path} has no weights file {bin_path.name} beside it")
         try:
-            model = core().read_model(str(path))
+            model = ov_core().read_model(str(path))
         except Exception as exc:
             first = ov_message(exc)
             raise DamoError(
@@ -165,9 +154,9 @@ class OpenVINOAdapter(Adapter):
                 "the .xml/.bin pair may be corrupt or mismatched; convert the model again",
             ) from exc
         art = ModelArtifact(
-            "openvino", model, inputs=_specs(model.inputs), outputs=_specs(model.outputs)
+            "openvino", model, inputs=port_specs(model.inputs), outputs=port_specs(model.outputs)
         )
-        art.meta["params"] = _param_count(model)
+        art.meta["params"] = ir_param_count(model)
         return art
 
     # ----------------------------------------------------------- compile/run
@@ -203,7 +192,7 @@ class OpenVINOAdapter(Adapter):
         if cached is not None and cached[0] is model:
             return cached[1]
         try:
-            compiled = core().compile_model(model, device, props)
+            compiled = ov_core().compile_model(model, device, props)
         except Exception as exc:
             first = ov_message(exc)
             raise DamoError(
@@ -255,7 +244,7 @@ class OpenVINOAdapter(Adapter):
         ``precision`` as in :meth:`compile` (``f32`` by default, ``bf16`` or ``None`` for the
         device's default); the precision used is reported.
         """
-        from damo_plugins.passes.benchmark import measure_latency, summarize_ms
+        from damo_plugins.lib.timing import measure_latency, summarize_ms
 
         self.require_backend()
         self.check_device(device)
@@ -270,7 +259,7 @@ class OpenVINOAdapter(Adapter):
             props["INFERENCE_NUM_THREADS"] = int(threads)
         t0 = time.perf_counter()
         try:
-            compiled = core().compile_model(model, device, props)
+            compiled = ov_core().compile_model(model, device, props)
         except Exception as exc:
             first = ov_message(exc)
             raise DamoError(
@@ -358,44 +347,6 @@ def _convert_onnx(ov: Any, artifact: ModelArtifact) -> Any:
         src = Path(tmp) / "model.onnx"
         src.write_bytes(artifact.model.SerializeToString())
         return ov.convert_model(str(src))
-
-
-def _name_ports(model: Any, artifact: ModelArtifact) -> None:
-    """Give the IR the artifact's input/output names (PyTorch conversion loses them)."""
-    for port, spec in zip(model.inputs, artifact.inputs):
-        port.get_tensor().set_names({spec.name})
-    for port, spec in zip(model.outputs, artifact.outputs):
-        if spec.name:
-            port.get_tensor().set_names({spec.name})
-
-
-def _specs(ports: Any) -> list[TensorSpec]:
-    specs = []
-    for i, port in enumerate(ports):
-        names = port.get_names()
-        name = sorted(names)[0] if names else f"port{i}"
-        pshape = port.get_partial_shape()
-        dims: list[int | str] = [d.get_length() if d.is_static else "?" for d in pshape]
-        dtype = (
-            port.get_element_type().to_dtype().name
-            if hasattr(port.get_element_type(), "to_dtype")
-            else "float32"
-        )
-        specs.append(TensorSpec(name, dims, dtype))
-    return specs
-
-
-def _param_count(model: Any) -> int:
-    total = 0
-    for op in model.get_ordered_ops():
-        if op.get_type_name() == "Constant":
-            et = op.get_output_element_type(0)
-            if et.is_real() or et.get_type_name() in ("i8", "u8", "i4", "u4"):
-                shape = list(op.get_output_shape(0))
-                n = int(np.prod(shape)) if shape else 1
-                if n > 1:
-                    total += n
-    return total
 
 
 def _precision_props(device: str, precision: str | None) -> dict[str, Any]:

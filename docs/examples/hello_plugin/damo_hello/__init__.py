@@ -14,7 +14,7 @@ import torch
 from pydantic import Field
 
 from damo_plugins import ModelArtifact, Pass, PassConfig, PassContext, Verification, hookimpl
-from damo_plugins.verify import parity
+from damo_plugins.core.verify import parity
 
 
 class HelloConfig(PassConfig):

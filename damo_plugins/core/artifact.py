@@ -1,0 +1,492 @@
+"""The model artifact: one type for a model in PyTorch, ONNX or OpenVINO IR form.
+
+Passes take an artifact and return a new one; the pipeline saves each and records what was
+done to it (``provenance``). PyTorch models are saved as a *safe* checkpoint: a dictionary
+of tensors and plain values (loadable with ``torch.load(..., weights_only=True)``) holding
+the weights plus the recipe to rebuild the architecture: a registered builder, its keyword
+arguments and the structural transforms applied since (``arch``). No pickled code is ever
+written or read. OpenVINO IR is read and written through the adapter that owns the format.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import pickle
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from damo_plugins.core.errors import DamoError, first_line
+from damo_plugins.core.io import atomic_path, check_input_file
+
+if TYPE_CHECKING:  # pragma: no cover
+    import onnx
+    import torch
+
+    from damo_plugins.core.manager import PluginManager
+
+FORMATS = ("torch", "onnx", "openvino")
+CHECKPOINT_KEY = "damo_plugins_checkpoint"
+SUFFIX = {"torch": ".pt", "onnx": ".onnx", "openvino": ".xml"}
+
+
+@dataclass
+class TensorSpec:
+    """Name, shape (ints, or strings for dynamic axes) and dtype of one model input/output."""
+
+    name: str
+    shape: list[int | str]
+    dtype: str = "float32"
+
+    def concrete(self, fill: int = 1) -> list[int]:
+        return [d if isinstance(d, int) and d >= 0 else fill for d in self.shape]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TensorSpec:
+        return cls(str(d["name"]), list(d["shape"]), str(d.get("dtype", "float32")))
+
+
+@dataclass
+class ModelArtifact:
+    """A model plus what is known about it.
+
+    ``model`` is a ``torch.nn.Module``, an ``onnx.ModelProto`` or an ``openvino.Model``
+    according to ``format``. ``arch`` (PyTorch only) says how to rebuild the architecture
+    from a registered builder: ``{"builder": name, "kwargs": {...}, "transforms": [...]}``.
+    """
+
+    format: str
+    model: Any
+    inputs: list[TensorSpec] = field(default_factory=list)
+    outputs: list[TensorSpec] = field(default_factory=list)
+    provenance: list[dict[str, Any]] = field(default_factory=list)
+    arch: dict[str, Any] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+    #: ONNX Runtime session of ``model`` (built on first ``run``; keyed by the model object)
+    _session: tuple[int, Any] | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise DamoError(f"unknown model format '{self.format}'", f"one of {FORMATS}")
+
+    # --------------------------------------------------------------- derived
+    def derive(self, fmt: str | None = None, model: Any = None, **changes: Any) -> ModelArtifact:
+        """A new artifact with the same provenance and specs, optionally a new model/format."""
+        new = ModelArtifact(
+            format=fmt or self.format,
+            model=self.model if model is None else model,
+            inputs=[copy.copy(t) for t in self.inputs],
+            outputs=[copy.copy(t) for t in self.outputs],
+            provenance=copy.deepcopy(self.provenance),
+            arch=copy.deepcopy(self.arch),
+            meta=copy.deepcopy(self.meta),
+            path=None,
+        )
+        for k, v in changes.items():
+            setattr(new, k, v)
+        return new
+
+    @property
+    def input_shape(self) -> list[int]:
+        return self.inputs[0].concrete() if self.inputs else []
+
+    def example_inputs(self, seed: int = 0, batch: int | None = None) -> list[np.ndarray]:
+        """Deterministic random inputs matching the input spec (dynamic axes -> 1)."""
+        rng = np.random.default_rng(seed)
+        feeds = []
+        for spec in self.inputs:
+            shape = spec.concrete()
+            if batch is not None and shape:
+                shape[0] = batch
+            if spec.dtype.startswith("float"):
+                feeds.append(rng.standard_normal(shape).astype(spec.dtype))
+            else:
+                feeds.append(rng.integers(0, 2, shape).astype(spec.dtype))
+        return feeds
+
+    def run(
+        self, feeds: Sequence[np.ndarray], manager: PluginManager | None = None
+    ) -> list[np.ndarray]:
+        """One inference on numpy inputs, whatever the format; outputs as a flat list."""
+        if self.format == "torch":
+            import torch
+
+            module = self.model
+            was_training = module.training
+            module.eval()
+            try:
+                with torch.no_grad():
+                    dtype = next((p.dtype for p in module.parameters()), torch.float32)
+                    args = [torch.from_numpy(np.ascontiguousarray(f)).to(dtype) for f in feeds]
+                    out = module(*args)
+            except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+                raise _input_error(feeds, exc) from exc
+            finally:
+                module.train(was_training)
+            return [t.detach().cpu().numpy() for t in _flatten(out)]
+        if self.format == "onnx":
+            from damo_plugins.core.onnx_utils import ort_session
+
+            if self._session is None or self._session[0] != id(self.model):
+                self._session = (id(self.model), ort_session(self.model))
+            sess = self._session[1]
+            names = [i.name for i in sess.get_inputs()]
+            if len(feeds) != len(names):
+                raise DamoError(f"the model takes {len(names)} input(s), got {len(feeds)}")
+            try:
+                return list(sess.run(None, dict(zip(names, feeds))))
+            except Exception as exc:  # ORT's errors are not a public type hierarchy
+                raise _input_error(feeds, exc) from exc
+        return _manager(manager).adapter_for_format(self.format).run(self, feeds)
+
+    # ------------------------------------------------------------- measures
+    def param_count(self) -> int | None:
+        if self.format == "torch":
+            seen, total = set(), 0
+            for p in self.model.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    total += p.numel()
+            return total
+        if self.format == "onnx":
+            from damo_plugins.core.onnx_utils import initializer_param_count
+
+            return initializer_param_count(self.model)
+        return self.meta.get("params")
+
+    def flops(self) -> int | None:
+        """FLOPs of one forward pass (PyTorch models, via ``torch.utils.flop_counter``)."""
+        if self.format != "torch" or not self.inputs:
+            return None
+        import torch
+        from torch.utils.flop_counter import FlopCounterMode
+
+        module = self.model
+        was_training = module.training
+        module.eval()
+        try:
+            args = [torch.from_numpy(f) for f in self.example_inputs(batch=1)]
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                module(*args)
+        except Exception:
+            return None
+        finally:
+            module.train(was_training)
+        return int(counter.get_total_flops())
+
+    def summary(self) -> dict[str, Any]:
+        if self.format == "torch" and self.inputs and not any(o.shape for o in self.outputs):
+            self.infer_output_specs()
+        return {
+            "format": self.format,
+            "params": self.param_count(),
+            "flops": self.flops(),
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+        }
+
+    def infer_output_specs(self) -> None:
+        """Fill in output shapes of a PyTorch model by running it once."""
+        outs = self.run(self.example_inputs())
+        names = [o.name for o in self.outputs]
+        if len(names) != len(outs):
+            names = [f"output{i}" for i in range(len(outs))]
+        self.outputs = [TensorSpec(n, list(o.shape), str(o.dtype)) for n, o in zip(names, outs)]
+
+    # ------------------------------------------------------------------ save
+    def save(
+        self, folder: str | Path, stem: str = "model", manager: PluginManager | None = None
+    ) -> Path:
+        """Write the model under ``folder`` (each file atomically); return the main file."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / f"{stem}{SUFFIX[self.format]}"
+        if self.format == "torch":
+            import torch
+
+            payload = {
+                CHECKPOINT_KEY: 1,
+                "arch": self.arch,
+                "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                "inputs": [t.to_dict() for t in self.inputs],
+                "outputs": [t.to_dict() for t in self.outputs],
+                "meta": _plain(self.meta),
+            }
+            with atomic_path(target) as tmp:
+                torch.save(payload, tmp)
+        elif self.format == "onnx":
+            with atomic_path(target) as tmp:
+                tmp.write_bytes(self.model.SerializeToString())
+        else:
+            _manager(manager).adapter_for_format(self.format).save(self, target)
+        self.path = target
+        return target
+
+
+# ---------------------------------------------------------------------- loading
+def load_model(
+    spec: Any,
+    *,
+    manager: PluginManager | None = None,
+    input_shape: Sequence[int] | None = None,
+    model_args: Mapping[str, Any] | None = None,
+    arch: str | None = None,
+) -> ModelArtifact:
+    """Turn what a user names into an artifact.
+
+    ``spec`` is a registered builder name (``damo-yolo-s``), a file (``.pt``/``.pth``
+    checkpoint, ``.onnx``, OpenVINO ``.xml``), a ``torch.nn.Module`` or an artifact.
+    ``arch`` names the builder for a checkpoint that holds weights only (such as an official
+    DAMO-YOLO ``.pth``).
+    """
+    if isinstance(spec, ModelArtifact):
+        return spec
+    mgr = _manager(manager)
+    try:
+        import torch
+
+        if isinstance(spec, torch.nn.Module):
+            return _torch_artifact(spec, None, input_shape, {})
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    text = str(spec)
+    path = Path(text)
+    looks_like_file = (
+        path.suffix.lower() in (".pt", ".pth", ".onnx", ".xml", ".bin") or path.exists()
+    )
+    if not looks_like_file:
+        builder = mgr.get_model_builder(text)
+        return build_model(text, builder, input_shape=input_shape, model_args=model_args)
+    check_input_file(path)
+    suffix = path.suffix.lower()
+    if suffix in (".pt", ".pth"):
+        art = _load_checkpoint(path, mgr, input_shape, model_args, arch)
+    elif suffix == ".onnx":
+        art = _load_onnx(path)
+    elif suffix in (".xml", ".bin"):
+        xml = path.with_suffix(".xml")
+        check_input_file(xml)
+        art = mgr.adapter_for_format("openvino").load(xml)
+    else:
+        raise DamoError(
+            f"cannot tell the format of {path}",
+            "use a .pt/.pth checkpoint, an .onnx file, an OpenVINO .xml, or a model name",
+        )
+    art.path = path
+    return art
+
+
+def build_model(
+    name: str,
+    builder: Any,
+    *,
+    input_shape: Sequence[int] | None = None,
+    model_args: Mapping[str, Any] | None = None,
+) -> ModelArtifact:
+    kwargs = dict(model_args or {})
+    normalize = getattr(builder, "normalize_kwargs", None)
+    if normalize is not None:  # e.g. a structure file -> the structure, so arch stays valid
+        kwargs = normalize(kwargs)
+    try:
+        module = builder(**kwargs)
+    except TypeError as exc:
+        raise DamoError(f"model '{name}' does not accept these arguments: {exc}") from exc
+    arch = {"builder": name, "kwargs": _plain(kwargs), "transforms": []}
+    return _torch_artifact(
+        module, arch, input_shape or getattr(builder, "default_input_shape", None), {"model": name}
+    )
+
+
+def _torch_artifact(
+    module: Any, arch: dict | None, input_shape: Sequence[int] | None, meta: dict
+) -> ModelArtifact:
+    inputs = []
+    names = getattr(module, "input_names", None) or ["images"]
+    shape = list(input_shape) if input_shape else getattr(module, "default_input_shape", None)
+    if shape:
+        inputs = [TensorSpec(names[0], [int(d) for d in shape])]
+    outputs = [TensorSpec(n, []) for n in getattr(module, "output_names", None) or []]
+    return ModelArtifact(
+        "torch", module.eval(), inputs=inputs, outputs=outputs, arch=arch, meta=dict(meta)
+    )
+
+
+def _load_checkpoint(
+    path: Path,
+    mgr: PluginManager,
+    input_shape: Sequence[int] | None,
+    model_args: Mapping[str, Any] | None,
+    arch_name: str | None,
+) -> ModelArtifact:
+    import torch
+
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        marker = "Unsupported global:"
+        if marker in text:
+            what = text.split(marker, 1)[1].split(" was not", 1)[0].strip()
+            raise DamoError(
+                f"refused to load {path}: unpickling it would run code ({what}); checkpoints "
+                "are only loaded with weights_only=True",
+                "save the weights as a state_dict (or with damo-opt) and load that",
+            ) from exc
+        raise DamoError(
+            f"{path} is not a readable PyTorch checkpoint (unpickling failed)",
+            "the file may be truncated or corrupt",
+        ) from exc
+    except Exception as exc:  # torch.load raises many types on corrupt input
+        raise DamoError(
+            f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {str(exc)[:160]})",
+            "the file may be truncated or corrupt",
+        ) from exc
+    if isinstance(payload, Mapping) and payload.get(CHECKPOINT_KEY):
+        arch = payload.get("arch")
+        if not arch:
+            raise DamoError(
+                f"{path} holds weights without an architecture record",
+                "load it with --arch NAME (a registered model builder)",
+            )
+        state = payload.get("state_dict")
+        if not isinstance(arch, Mapping) or "builder" not in arch or not isinstance(state, Mapping):
+            raise DamoError(
+                f"{path} is a damaged damo-plugins checkpoint (arch or weights missing)"
+            )
+        module = rebuild(arch, mgr)
+        _load_state(module, state, path)
+        art = ModelArtifact(
+            "torch",
+            module.eval(),
+            inputs=[TensorSpec.from_dict(t) for t in payload.get("inputs", [])],
+            outputs=[TensorSpec.from_dict(t) for t in payload.get("outputs", [])],
+            arch=arch,
+            meta=dict(payload.get("meta") or {}),
+        )
+        if input_shape:
+            art.inputs = [
+                TensorSpec(art.inputs[0].name if art.inputs else "images", list(input_shape))
+            ]
+        return art
+    # A plain state dict, or an official checkpoint: needs the architecture from the user.
+    state = payload.get("model", payload) if isinstance(payload, Mapping) else None
+    if not isinstance(state, Mapping) or not all(
+        isinstance(v, torch.Tensor) for v in state.values()
+    ):
+        raise DamoError(f"{path} holds neither a damo-plugins checkpoint nor a state_dict")
+    if arch_name is None:
+        raise DamoError(
+            f"{path} holds weights only; the architecture is not recorded",
+            "name it with --arch (e.g. --arch damo-yolo-s)",
+        )
+    art = build_model(
+        arch_name, mgr.get_model_builder(arch_name), input_shape=input_shape, model_args=model_args
+    )
+    _load_state(art.model, state, path)
+    return art
+
+
+def _load_state(module: Any, state: Mapping[str, Any], path: Path) -> None:
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        detail = "; ".join(lines[1:3]) if len(lines) > 1 else lines[0]
+        raise DamoError(
+            f"the weights in {path} do not fit the architecture: {detail[:300]}",
+            "check --arch and the model arguments (e.g. num_classes)",
+        ) from exc
+
+
+def rebuild(arch: Mapping[str, Any], manager: PluginManager | None = None) -> Any:
+    """Build the architecture an ``arch`` record describes (weights are not restored)."""
+    mgr = _manager(manager)
+    builder = mgr.get_model_builder(arch["builder"])
+    module = builder(**dict(arch.get("kwargs") or {}))
+    for t in arch.get("transforms") or []:
+        pass_cls = mgr.get_pass(t["pass"])
+        module = pass_cls.replay(module, t.get("record") or {})
+    return module.eval()
+
+
+def _load_onnx(path: Path) -> ModelArtifact:
+    import onnx
+
+    try:
+        proto = onnx.load(str(path))
+    except Exception as exc:
+        raise DamoError(
+            f"{path} is not a valid ONNX model ({type(exc).__name__}: {str(exc)[:160]})",
+            "the file may be truncated or corrupt; export it again",
+        ) from exc
+    if not proto.graph.node and not proto.graph.output:
+        raise DamoError(f"{path} is not a valid ONNX model (empty graph)", "export it again")
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as exc:
+        raise DamoError(f"{path} fails the ONNX checker: {str(exc).splitlines()[0][:200]}") from exc
+    return onnx_artifact(proto)
+
+
+def onnx_artifact(proto: onnx.ModelProto, **kwargs: Any) -> ModelArtifact:
+    from damo_plugins.core.onnx_utils import value_specs
+
+    init = {i.name for i in proto.graph.initializer}
+    inputs = [t for t in value_specs(proto.graph.input) if t.name not in init]
+    outputs = value_specs(proto.graph.output)
+    return ModelArtifact("onnx", proto, inputs=inputs, outputs=outputs, **kwargs)
+
+
+# ---------------------------------------------------------------------- helpers
+def _input_error(feeds: Sequence[np.ndarray], exc: BaseException) -> DamoError:
+    shapes = ", ".join(f"{list(f.shape)} {f.dtype}" for f in feeds)
+    first = first_line(exc)
+    return DamoError(
+        f"the model cannot run on input {shapes}: {first[:300]}",
+        "check the input shape (--input-shape / input_shape) and dtype",
+    )
+
+
+def _flatten(out: Any) -> list[torch.Tensor]:
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        return [t for v in out.values() for t in _flatten(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in _flatten(v)]
+    raise DamoError(f"model returned {type(out).__name__}, expected tensors")
+
+
+def _plain(obj: Any) -> Any:
+    """JSON-like copy (what weights_only checkpoints and reports may hold)."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    return repr(obj)
+
+
+def _manager(manager: PluginManager | None) -> PluginManager:
+    if manager is not None:
+        return manager
+    from damo_plugins.core.manager import get_manager
+
+    return get_manager()

@@ -1,0 +1,156 @@
+"""Atomic file output: a reader never sees a half-written file under its final name.
+
+Everything damo-plugins writes goes to a temporary name in the destination folder and is
+renamed into place with :func:`os.replace` once complete (a rename within one file system
+is atomic on POSIX). If writing fails, for instance because the disk is full, the temporary
+file is removed and whatever was under the final name before is left untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from damo_plugins.core.errors import DamoError
+
+
+def _explain(exc: OSError, path: Path) -> DamoError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return DamoError(
+            f"no space left while writing {path}", "free disk space or choose -o elsewhere"
+        )
+    blocker = next((q for q in [path, *path.parents] if q.exists() and not q.is_dir()), None)
+    if blocker is not None and blocker != path:
+        return DamoError(
+            f"cannot write {path}: {blocker} is a file, not a folder", "choose another output path"
+        )
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return DamoError(f"cannot write {path}: permission denied", "choose a writable output path")
+    return DamoError(f"cannot write {path}: {exc.strerror or exc}", "check the output path")
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike[str], suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; on success rename it to ``final``.
+
+    ``suffix`` keeps a file extension on the temporary name for writers that look at it.
+    """
+    final = Path(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{final.name}.", suffix=suffix + ".tmp", dir=final.parent
+        )
+        os.close(fd)
+    except OSError as exc:
+        raise _explain(exc, final) from exc
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        _fsync(tmp_path)
+        _fix_mode(tmp_path)
+        os.replace(tmp_path, final)
+    except OSError as exc:
+        _remove(tmp_path)
+        raise _explain(exc, final) from exc
+    except BaseException:
+        _remove(tmp_path)
+        raise
+
+
+def ensure_dir(path: str | os.PathLike[str]) -> Path:
+    """Create ``path`` (and parents) or raise a clear error."""
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _explain(exc, p) from exc
+    return p
+
+
+def write_bytes(final: str | os.PathLike[str], data: bytes) -> Path:
+    with atomic_path(final) as tmp:
+        tmp.write_bytes(data)
+    return Path(final)
+
+
+def write_text(final: str | os.PathLike[str], text: str) -> Path:
+    return write_bytes(final, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike[str], *, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``final``; on success rename it to ``final``.
+
+    An existing ``final`` is replaced only with ``force`` (and only after the new folder is
+    complete); otherwise it is an error, so earlier results are never lost by accident.
+    """
+    final = Path(final)
+    if final.exists() and not force:
+        raise DamoError(f"{final} already exists", "use --force to replace it, or another output")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    except OSError as exc:
+        raise _explain(exc, final) from exc
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                _fsync(f)
+        _fix_mode(tmp, directory=True)
+        if final.exists():
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _explain(exc, final) from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fix_mode(path: Path, directory: bool = False) -> None:
+    """mkstemp/mkdtemp create private (0600/0700) entries; give them the usual mode."""
+    with contextlib.suppress(OSError):
+        os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+def check_input_file(path: str | os.PathLike[str], what: str = "model") -> Path:
+    """Return ``path`` if it is a readable, non-empty file; otherwise a clear error."""
+    p = Path(path)
+    if not p.exists():
+        raise DamoError(f"{what} file not found: {p}", "check the path")
+    if p.is_dir():
+        raise DamoError(f"{what} path is a directory, not a file: {p}", "give the file inside it")
+    if p.stat().st_size == 0:
+        raise DamoError(f"{what} file is empty: {p}", "re-create or re-download it")
+    if not os.access(p, os.R_OK):
+        raise DamoError(f"{what} file is not readable: {p}", "check its permissions")
+    return p

@@ -1,0 +1,94 @@
+"""Small ONNX helpers shared by the core and the plugins."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from damo_plugins.core.errors import DamoError
+
+#: ONNX Runtime 1.31 rejects IR version 14, which onnx 1.23's helpers write by default.
+MAX_ORT_IR_VERSION = 10
+
+
+def ort_session(model: Any, providers: list[str] | None = None, threads: int | None = None) -> Any:
+    """An ONNX Runtime session for a ``ModelProto`` or a path, with clear errors."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    providers = providers or ["CPUExecutionProvider"]
+    available = ort.get_available_providers()
+    missing = [p for p in providers if p not in available]
+    if missing:
+        raise DamoError(
+            f"ONNX Runtime provider(s) not available here: {', '.join(missing)}",
+            f"available: {', '.join(available)}",
+        )
+    source = model if isinstance(model, (str, bytes)) else None
+    if source is None and hasattr(model, "SerializeToString"):
+        if model.ir_version > MAX_ORT_IR_VERSION:
+            model = _with_ir_version(model, MAX_ORT_IR_VERSION)
+        source = model.SerializeToString()
+    if source is None:
+        source = str(model)
+    try:
+        return ort.InferenceSession(source, sess_options=opts, providers=providers)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DamoError(f"ONNX Runtime cannot load the model: {first[:300]}") from exc
+
+
+def _with_ir_version(model: Any, version: int) -> Any:
+    import onnx
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    copy.ir_version = version
+    return copy
+
+
+def value_specs(values: Iterable[Any]) -> list[Any]:
+    """ONNX ValueInfo -> TensorSpec list (dynamic axes as their names)."""
+    import onnx
+
+    from damo_plugins.core.artifact import TensorSpec
+
+    specs = []
+    for v in values:
+        tt = v.type.tensor_type
+        dims: list[int | str] = []
+        for d in tt.shape.dim:
+            if d.HasField("dim_value"):
+                dims.append(int(d.dim_value))
+            else:
+                dims.append(d.dim_param or "?")
+        try:
+            dtype = str(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        except Exception:
+            dtype = "float32"
+        specs.append(TensorSpec(v.name, dims, dtype))
+    return specs
+
+
+def initializer_param_count(model: Any) -> int:
+    """Number of values in floating-point initializers (weights), as a parameter count."""
+    import onnx
+
+    floats = {
+        onnx.TensorProto.FLOAT,
+        onnx.TensorProto.FLOAT16,
+        onnx.TensorProto.DOUBLE,
+        onnx.TensorProto.BFLOAT16,
+        onnx.TensorProto.INT8,
+        onnx.TensorProto.UINT8,
+    }
+    total = 0
+    for init in model.graph.initializer:
+        if init.data_type in floats:
+            total += int(np.prod(init.dims)) if init.dims else 1
+    return total

@@ -1,0 +1,195 @@
+"""Run a recipe: load the model, apply each step, verify it, save it, report.
+
+Guarantees (see ``docs/reliability.md``):
+
+* the input model file is only read, never written;
+* each step's artifact is written to a temporary folder and renamed to ``OUTPUT/NN-step/``
+  only when complete, so a folder under its final name is always whole;
+* ``report.json``/``report.md`` are rewritten atomically after every step, so an interrupted
+  run still says what it finished;
+* a step that raises, or whose verification fails, stops the run with a clear message and
+  leaves every earlier artifact in place;
+* an existing output folder is refused unless ``force`` is given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from damo_plugins import __version__
+from damo_plugins.core import report
+from damo_plugins.core.artifact import ModelArtifact, _plain, load_model
+from damo_plugins.core.errors import DamoError
+from damo_plugins.core.io import atomic_dir, ensure_dir, write_text
+from damo_plugins.core.manager import PluginManager, get_manager
+from damo_plugins.core.passes import PassContext
+from damo_plugins.core.recipe import LoadedRecipe, check_chain, load_recipe
+from damo_plugins.core.runner import run_step
+
+
+@dataclass
+class RunResult:
+    artifact: ModelArtifact
+    report: dict[str, Any]
+    output: Path
+
+
+def _resolve_model(spec: str, base: Path) -> str:
+    """Recipe-relative file paths; builder names stay as they are."""
+    p = Path(spec)
+    if not p.is_absolute() and (p.suffix or "/" in spec) and (base / p).exists():
+        return str(base / p)
+    return spec
+
+
+def run(
+    recipe: str | Path | Mapping[str, Any] | LoadedRecipe,
+    *,
+    manager: PluginManager | None = None,
+    output: str | Path | None = None,
+    verify: bool = True,
+    force: bool = False,
+    model: Any = None,
+    log: Callable[[str], None] = print,
+) -> RunResult:
+    """Run ``recipe``; return the last artifact and the report.
+
+    ``model`` overrides the recipe's model (a ``torch.nn.Module`` or artifact, for the
+    Python API).
+    """
+    mgr = manager or get_manager()
+    loaded = recipe if isinstance(recipe, LoadedRecipe) else load_recipe(recipe, mgr)
+    r = loaded.recipe
+    if model is None:
+        check_chain(loaded)
+    out = Path(output or r.output or Path("runs") / Path(loaded.source).stem)
+    if out.exists() and not out.is_dir():
+        raise DamoError(f"output {out} exists and is not a folder", "choose another -o")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise DamoError(
+            f"output folder {out} already exists and is not empty",
+            "use --force to overwrite, or choose another -o",
+        )
+    ensure_dir(out)
+
+    rep: dict[str, Any] = {
+        "damo_plugins": __version__,
+        "recipe": loaded.source,
+        "model": r.model if model is None else type(model).__name__,
+        "output": str(out),
+        "status": "running",
+        "steps": [],
+    }
+    mgr.notify("damo_pipeline_started", recipe=r, output=str(out))
+    try:
+        t0 = time.perf_counter()
+        spec = model if model is not None else _resolve_model(r.model, loaded.base_dir)
+        art = load_model(
+            spec, manager=mgr, input_shape=r.input_shape, model_args=r.model_args, arch=r.arch
+        )
+        first = _entry(0, "input", art, {}, None, time.perf_counter() - t0, None, {})
+        first["size_bytes"] = _size(art.path) if art.path else None
+        if first["flops"]:
+            art.meta["flops"] = first["flops"]
+        rep["steps"].append(first)
+        report.write(out, rep)
+        for step in loaded.steps:
+            number = step.index + 1
+            label = f"[{number}/{len(loaded.steps)}] {step.name}"
+            log(f"{label} ...")
+            pass_ = step.pass_cls(step.config)
+            folder = out / f"{number:02d}-{step.name}"
+            with atomic_dir(folder, force=True) as tmp:
+                ctx = PassContext(manager=mgr, workdir=tmp, seed=r.seed, verify=verify, log=log)
+                res = run_step(pass_, art, ctx)
+                after, ver, seconds, config = res.artifact, res.verification, res.seconds, res.config
+                if not res.passed:
+                    rep["steps"].append(
+                        _entry(number, step.name, after, config, ver, seconds, None, res.metrics)
+                    )
+                    res.raise_if_failed(
+                        "earlier steps' outputs are kept; use --no-verify to skip checks"
+                    )
+                if pass_.measures_only and art.path is not None:
+                    model_path = art.path  # unchanged model: no second copy on disk
+                    write_text(tmp / "metrics.json", json.dumps(_plain(res.metrics), indent=2) + "\n")
+                else:
+                    model_path = folder / after.save(tmp, manager=mgr).name
+            entry = _entry(number, step.name, after, config, ver, seconds, model_path, res.metrics)
+            entry["size_bytes"] = _size(model_path)
+            if entry["flops"]:
+                after.meta["flops"] = entry["flops"]
+            rep["steps"].append(entry)
+            after.path = model_path
+            report.write(out, rep)
+            mgr.notify("damo_step_finished", step=step.name, before=art, after=after, metrics=entry)
+            log(f"{label} done in {seconds:.1f}s" + (f" — {ver.message}" if ver else ""))
+            art = after
+        _remove_stale(out, len(loaded.steps))
+        rep["status"] = "ok"
+        report.plot(out, rep)
+    except BaseException as exc:
+        rep["status"] = "failed"
+        rep["error"] = str(exc) if isinstance(exc, DamoError) else f"{type(exc).__name__}: {exc}"
+        if not isinstance(exc, DamoError):
+            rep["traceback"] = traceback.format_exc(limit=5)
+        with contextlib.suppress(Exception):
+            report.write(out, rep)
+        mgr.notify("damo_pipeline_finished", report=rep)
+        raise
+    report.write(out, rep)
+    mgr.notify("damo_pipeline_finished", report=rep)
+    return RunResult(art, rep, out)
+
+
+def _entry(
+    index: int,
+    name: str,
+    art: ModelArtifact,
+    config: dict[str, Any],
+    ver: Any,
+    seconds: float,
+    path: Path | None,
+    metrics: dict[str, Any],
+) -> dict[str, Any]:
+    return {
+        "index": index,
+        "step": name,
+        "config": config,
+        "format": art.format,
+        "params": art.param_count(),
+        # ONNX/IR artifacts cannot be counted; they compute what the PyTorch model they came
+        # from computes (format changes and quantization keep the operations), so inherit.
+        "flops": art.flops() or art.meta.get("flops"),
+        "verification": ver.to_dict() if ver is not None else None,
+        "seconds": round(seconds, 3),
+        "artifact": str(path) if path else (str(art.path) if art.path else None),
+        "metrics": _plain(metrics),
+    }
+
+
+def _size(path: Path | None) -> int | None:
+    """Bytes on disk of a step folder, or of a model file (with an IR's ``.bin``)."""
+    if path is None:
+        return None
+    p = Path(path)
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    files = [p, p.with_suffix(".bin")] if p.suffix == ".xml" else [p]
+    return sum(f.stat().st_size for f in files if f.is_file())
+
+
+def _remove_stale(out: Path, n_steps: int) -> None:
+    """After a forced re-run, drop step folders the new recipe did not produce."""
+    for child in out.iterdir():
+        head = child.name.split("-", 1)[0]
+        if child.is_dir() and head.isdigit() and int(head) > n_steps:
+            shutil.rmtree(child, ignore_errors=True)

@@ -1,0 +1,207 @@
+"""Recipes: the YAML/JSON file that lists a model and the steps to apply to it.
+
+Recipes are data, never code: they are read with ``yaml.safe_load`` semantics (JSON is read
+by the same parser), a model is named by a registered builder or a file path, and each step
+names a pass provided by an installed plugin. Every problem is reported with its place in
+the file (``recipe.yaml:7: steps[1].prune: unknown option 'ratoi' (did you mean 'ratio'?)``).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from damo_plugins.core.errors import DamoError
+from damo_plugins.core.io import check_input_file
+from damo_plugins.core.manager import PluginManager, suggest
+
+
+class Recipe(BaseModel):
+    """The top level of a recipe file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="registered builder name, or a .pt/.pth/.onnx/.xml file")
+    arch: str | None = Field(None, description="builder for a weights-only checkpoint")
+    model_args: dict[str, Any] = Field(default_factory=dict, description="builder arguments")
+    input_shape: list[int] | None = Field(None, description="e.g. [1, 3, 640, 640]")
+    steps: list[Any] = Field(default_factory=list)
+    output: str | None = Field(None, description="output folder (default runs/<recipe name>)")
+    seed: int = 0
+
+    @field_validator("input_shape")
+    @classmethod
+    def _positive(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or any(d <= 0 for d in v)):
+            raise ValueError("every dimension must be a positive integer")
+        return v
+
+
+@dataclass
+class Step:
+    index: int
+    name: str
+    config: Any  # validated pass config
+    pass_cls: type
+
+
+@dataclass
+class LoadedRecipe:
+    recipe: Recipe
+    steps: list[Step]
+    source: str
+    base_dir: Path
+
+
+class _Locator:
+    """Maps a path of keys/indices to a line in the YAML source."""
+
+    def __init__(self, node: Any, source: str) -> None:
+        self.node = node
+        self.source = source
+
+    def where(self, loc: Sequence[Any]) -> str:
+        node = self.node
+        line = node.start_mark.line + 1 if node is not None else 1
+        for key in loc:
+            if isinstance(node, yaml.MappingNode):
+                for k, v in node.value:
+                    if k.value == str(key):
+                        node, line = v, k.start_mark.line + 1
+                        break
+                else:
+                    break
+            elif (
+                isinstance(node, yaml.SequenceNode)
+                and isinstance(key, int)
+                and key < len(node.value)
+            ):
+                node = node.value[key]
+                line = node.start_mark.line + 1
+            else:
+                break
+        return f"{self.source}:{line}"
+
+
+def _fmt_loc(loc: Sequence[Any]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _first_error(exc: ValidationError, allowed: Sequence[str]) -> tuple[tuple[Any, ...], str]:
+    err = exc.errors()[0]
+    loc = tuple(err.get("loc", ()))
+    if err.get("type") == "extra_forbidden" and loc:
+        bad = str(loc[-1])
+        return loc, f"unknown option '{bad}' ({suggest(bad, allowed)})"
+    return loc, err.get("msg", "invalid value")
+
+
+def parse_text(text: str, source: str = "<recipe>") -> tuple[Any, _Locator]:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise DamoError(f"{where}: recipe is not valid YAML/JSON: {problem}") from exc
+    return data, _Locator(node, source)
+
+
+def load_recipe(
+    path_or_data: str | Path | Mapping[str, Any],
+    manager: PluginManager,
+    *,
+    source: str | None = None,
+) -> LoadedRecipe:
+    """Read and validate a recipe (a file path, or an already-parsed mapping)."""
+    if isinstance(path_or_data, Mapping):
+        data, loc = dict(path_or_data), _Locator(None, source or "<recipe>")
+        base = Path.cwd()
+    else:
+        path = check_input_file(path_or_data, "recipe")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise DamoError(f"{path}: recipe is not UTF-8 text") from exc
+        data, loc = parse_text(text, source or str(path))
+        base = path.parent
+    if not isinstance(data, Mapping):
+        raise DamoError(f"{loc.source}: a recipe must be a mapping with 'model' and 'steps'")
+    try:
+        recipe = Recipe(**{str(k): v for k, v in data.items()})
+    except ValidationError as exc:
+        where, msg = _first_error(exc, list(Recipe.model_fields))
+        raise DamoError(f"{loc.where(where)}: {_fmt_loc(where) or 'recipe'}: {msg}") from None
+    except TypeError as exc:  # non-string keys and the like
+        raise DamoError(f"{loc.source}: invalid recipe: {exc}") from None
+    steps = [_parse_step(i, raw, manager, loc) for i, raw in enumerate(recipe.steps)]
+    return LoadedRecipe(recipe, steps, loc.source, base)
+
+
+def _parse_step(i: int, raw: Any, manager: PluginManager, loc: _Locator) -> Step:
+    where = loc.where(("steps", i))
+    if isinstance(raw, str):
+        name, options = raw, {}
+    elif isinstance(raw, Mapping) and len(raw) == 1:
+        name, options = next(iter(raw.items()))
+        options = {} if options is None else options
+        if not isinstance(options, Mapping):
+            raise DamoError(
+                f"{where}: steps[{i}].{name}: options must be a mapping, not {type(options).__name__}"
+            )
+    else:
+        raise DamoError(
+            f"{where}: steps[{i}]: a step is a name or a one-key mapping 'name: {{options}}'"
+        )
+    name = str(name)
+    known = manager.names("pass")
+    if name not in known:
+        raise DamoError(f"{where}: steps[{i}]: unknown step '{name}' ({suggest(name, known)})")
+    pass_cls = manager.get_pass(name)
+    try:
+        config = pass_cls.Config(**{str(k): v for k, v in options.items()})
+    except ValidationError as exc:
+        sub, msg = _first_error(exc, list(pass_cls.Config.model_fields))
+        full = ("steps", i, name, *sub)
+        raise DamoError(f"{loc.where(full)}: {_fmt_loc(full)}: {msg}") from None
+    return Step(i, name, config, pass_cls)
+
+
+def model_format(spec: str) -> str:
+    """The format a model spec will load as, without loading it."""
+    suffix = Path(spec).suffix.lower()
+    return {".onnx": "onnx", ".xml": "openvino", ".bin": "openvino"}.get(suffix, "torch")
+
+
+def check_chain(loaded: LoadedRecipe) -> list[str]:
+    """Statically check that each step accepts what the previous one produces."""
+    fmt = model_format(loaded.recipe.model)
+    formats = [fmt]
+    prev = "the model"
+    for step in loaded.steps:
+        accepts = step.pass_cls.accepts
+        if fmt not in accepts:
+            raise DamoError(
+                f"{loaded.source}: steps[{step.index}]: step '{step.name}' cannot take a {fmt} "
+                f"model (produced by {prev}); it accepts: {', '.join(accepts)}",
+                "reorder the steps or add a conversion step",
+            )
+        fmt = step.pass_cls.output_format(step.config, fmt)
+        formats.append(fmt)
+        prev = f"step '{step.name}'"
+    return formats
+
+
+def closest(name: str, names: Sequence[str]) -> str | None:
+    found = difflib.get_close_matches(name, list(names), n=1)
+    return found[0] if found else None

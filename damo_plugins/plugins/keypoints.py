@@ -1,0 +1,147 @@
+"""The ``keypoints`` plugin: Detectron2-style keypoint post-processing made exportable.
+
+Thin entry point; the work lives in :mod:`damo_plugins.keypoints`. Provides the pass
+``keypoints`` (PyTorch keypoint model -> ONNX with a dynamic number of ROIs, verified in ONNX
+Runtime and OpenVINO), the model ``keypoint-rcnn-head`` and ``damo-opt keypoints export``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from damo_plugins.core.artifact import ModelArtifact, onnx_artifact
+from damo_plugins.core.errors import DamoError
+from damo_plugins.core.hookspecs import hookimpl
+from damo_plugins.core.passes import Pass, PassConfig, PassContext
+from damo_plugins.core.verify import Verification
+
+
+class KeypointsConfig(PassConfig):
+    opset: int = Field(17, ge=16, le=18, description="ONNX opset (16–18)")
+    method: Literal["pruned", "loop"] = Field("loop", description="post-processing form")
+    verify_rois: list[int] = Field([0, 1, 4, 100], description="ROI counts checked")
+    backends: list[Literal["onnxruntime", "openvino"]] = ["onnxruntime", "openvino"]
+    min_agreement: float = Field(1.0, ge=0, le=1, description="argmax agreement required")
+    max_px: float = Field(1e-2, gt=0, description="max |dx|, |dy| (px) on agreeing keypoints")
+
+
+class KeypointsPass(Pass):
+    """Export a keypoint model with the exportable ``heatmaps_to_keypoints`` and check it."""
+
+    name = "keypoints"
+    accepts = ("torch",)
+    produces = "onnx"
+    Config = KeypointsConfig
+    description = "keypoint model -> ONNX (dynamic R incl. 0), verified in ORT and OpenVINO"
+
+    def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
+        from damo_plugins.keypoints.export import export_keypoint_model
+
+        cfg: KeypointsConfig = self.config  # type: ignore[assignment]
+        module = copy.deepcopy(artifact.model)
+        if hasattr(module, "postprocess"):
+            module.postprocess = cfg.method
+        proto = export_keypoint_model(module, opset=cfg.opset, seed=ctx.seed)
+        out = onnx_artifact(proto, provenance=list(artifact.provenance), meta=dict(artifact.meta))
+        out.meta.update(opset=cfg.opset, keypoint_postprocess=cfg.method)
+        out.meta["torch_arch"] = artifact.arch
+        return out
+
+    def verify(self, before: ModelArtifact, after: ModelArtifact, ctx: PassContext) -> Verification:
+        from damo_plugins.keypoints.export import verify_keypoint_model
+
+        cfg: KeypointsConfig = self.config  # type: ignore[assignment]
+        results = verify_keypoint_model(
+            before.model, after.model, cfg.verify_rois, cfg.backends, seed=ctx.seed
+        )
+        ctx.extra["keypoints"] = results
+        worst_agree = min(m["argmax_agreement"] for b in results.values() for m in b.values())
+        worst_px = max(
+            max(m.get("max_dx_px", 0.0), m.get("max_dy_px", 0.0))
+            for b in results.values()
+            for m in b.values()
+        )
+        ok = worst_agree >= cfg.min_agreement and worst_px <= cfg.max_px
+        msg = (
+            f"argmax agreement {worst_agree:.4f} (need {cfg.min_agreement}), "
+            f"max |dx|,|dy| {worst_px:.2e} px over R={cfg.verify_rois} in {', '.join(results)}"
+        )
+        return Verification(ok, {"argmax_agreement": worst_agree, "max_px": worst_px}, msg)
+
+
+@hookimpl
+def damo_passes() -> list[type[Pass]]:
+    return [KeypointsPass]
+
+
+@hookimpl
+def damo_models() -> dict[str, Any]:
+    from damo_plugins.keypoints.head import build_keypoint_rcnn_head
+
+    return {"keypoint-rcnn-head": build_keypoint_rcnn_head}
+
+
+@hookimpl
+def damo_cli(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("keypoints", help="keypoint R-CNN export (Detectron2 layout)")
+    verbs = parser.add_subparsers(dest="keypoints_verb", required=True)
+    exp = verbs.add_parser("export", help="export a keypoint model or the post-processing alone")
+    exp.add_argument("model", nargs="?", default="keypoint-rcnn-head", help="registered name")
+    exp.add_argument("-o", "--output", required=True, help="ONNX file to write")
+    exp.add_argument("--opset", type=int, default=17, help="ONNX opset, 16–18 (default 17)")
+    exp.add_argument("--method", choices=["pruned", "loop"], default="loop")
+    exp.add_argument(
+        "--postprocess-only",
+        action="store_true",
+        help="write heatmaps_to_keypoints alone: maps [R,K,H,W], rois [R,4]",
+    )
+    exp.add_argument("--num-keypoints", type=int, default=17)
+    exp.add_argument("--no-verify", action="store_true", help="skip the ORT/OpenVINO checks")
+    exp.set_defaults(func=cli_export)
+
+
+def cli_export(args: argparse.Namespace) -> int:
+    """``damo-opt keypoints export``: write the ONNX file, check it, print the metrics."""
+    from damo_plugins.core.io import atomic_path
+    from damo_plugins.keypoints.export import (
+        PostprocessModule,
+        export_keypoint_model,
+        export_postprocess,
+        verify_keypoint_model,
+    )
+
+    target = Path(args.output)
+    if target.suffix.lower() != ".onnx":
+        raise DamoError(f"output must be an .onnx file, got {target}", "e.g. -o keypoints.onnx")
+    if args.num_keypoints < 1:
+        raise DamoError("--num-keypoints must be at least 1")
+    if args.postprocess_only:
+        module: Any = PostprocessModule(args.method, args.num_keypoints)
+        proto = export_postprocess(
+            opset=args.opset, method=args.method, num_keypoints=args.num_keypoints
+        )
+        rois = [0, 1, 5]
+    else:
+        from damo_plugins.core.manager import get_manager
+
+        builder = get_manager().get_model_builder(args.model)
+        module = builder(num_keypoints=args.num_keypoints, postprocess=args.method)
+        rois = [0, 1, 4]
+        proto = export_keypoint_model(module, opset=args.opset)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as tmp:
+        Path(tmp).write_bytes(proto.SerializeToString())
+    print(f"wrote {target} (opset {args.opset}, {args.method} post-processing)")
+    if not args.no_verify:
+        for backend, per_r in verify_keypoint_model(module, proto, rois).items():
+            for r, m in per_r.items():
+                shown = ", ".join(f"{k} {v:.3g}" for k, v in m.items())
+                print(f"  {backend:12s} {r:6s} {shown}")
+                if m["argmax_agreement"] < 1.0:
+                    return 3
+    return 0

@@ -1,0 +1,135 @@
+"""``reparam``: RepConv/RepGFPN re-parameterization and Conv+BN folding, as a step and a verb.
+
+The algorithm (module level, then torch.fx graph level) is :mod:`damo_plugins.lib.reparam`;
+this plugin wraps it in a pass that records the rewrite so checkpoints rebuild, and in
+``damo-opt fuse``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any, Literal
+
+from pydantic import Field
+
+from damo_plugins.core.artifact import ModelArtifact
+from damo_plugins.core.errors import DamoError
+from damo_plugins.core.hookspecs import hookimpl
+from damo_plugins.core.passes import Pass, PassConfig, PassContext
+from damo_plugins.lib.reparam import reparameterize
+
+
+# ============================================================================= pass
+class ReparamConfig(PassConfig):
+    mode: Literal["auto", "module", "graph"] = Field(
+        "auto",
+        description="auto: module level, then fx for the rest; module or graph: one level only",
+    )
+    fold_bn: bool = Field(True, description="also fold every Conv→BN pair")
+    tolerance: float = Field(1e-5, gt=0, description="max error relative to output scale")
+
+
+class ReparamPass(Pass):
+    """Fuse RepConv-style branches and Conv+BN into single convolutions."""
+
+    name = "reparam"
+    accepts = ("torch",)
+    Config = ReparamConfig
+    tolerance = 1e-5
+    description = "RepConv/RepVGG branch fusion and Conv+BN folding (module and torch.fx level)"
+
+    def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
+        cfg: ReparamConfig = self.config  # type: ignore[assignment]
+        fused, rep = reparameterize(artifact.model, cfg.mode, cfg.fold_bn)
+        out = artifact.derive(model=fused)
+        if out.arch is not None:
+            out.arch.setdefault("transforms", []).append(
+                {"pass": self.name, "record": {"mode": cfg.mode, "fold_bn": cfg.fold_bn}}
+            )
+        ctx.extra.update(rep.as_dict())
+        log: Callable[[str], Any] = ctx.log
+        log(
+            f"reparam: {rep.repconv_deployed} RepConv(s) deployed, {rep.branch_sums_fused} branch "
+            f"sum(s) merged, {rep.conv_bn_folded} Conv+BN folded, {rep.bn_after} BN left"
+        )
+        for note in rep.notes:
+            log(f"reparam: note: {note}")
+        return out
+
+    @classmethod
+    def replay(cls, module: Any, record: dict[str, Any]) -> Any:
+        mode = record.get("mode", "auto")
+        fused, _ = reparameterize(
+            module, str(mode), bool(record.get("fold_bn", True)), inplace=True
+        )
+        return fused
+
+
+# ============================================================================ hooks
+@hookimpl
+def damo_passes() -> list[type[Pass]]:
+    return [ReparamPass]
+
+
+@hookimpl
+def damo_cli(subparsers: argparse._SubParsersAction) -> None:
+    from damo_plugins.core.verbs import add_model_args
+
+    p = subparsers.add_parser(
+        "fuse", help="fuse RepConv branches and Conv+BN (reparam), verify, save a checkpoint"
+    )
+    add_model_args(p)
+    p.add_argument("-o", "--output", required=True, help="output folder (or a .pt file)")
+    p.add_argument("--mode", choices=("auto", "module", "graph"), default="auto")
+    p.add_argument("--no-fold-bn", action="store_true", help="keep Conv->BN pairs unfolded")
+    p.add_argument(
+        "--tolerance", type=float, default=1e-5, help="max error relative to output scale"
+    )
+    p.add_argument("--force", action="store_true", help="overwrite an existing checkpoint")
+    p.set_defaults(func=cmd_fuse)
+
+
+def cmd_fuse(args: argparse.Namespace) -> int:
+    """``damo-opt fuse MODEL -o OUT``: fuse, check outputs, write ``OUT/model.pt``."""
+    import sys
+    from pathlib import Path
+
+    from damo_plugins.core.manager import get_manager
+    from damo_plugins.core.verbs import model_from_args
+
+    out = Path(args.output)
+    folder, stem = (out.parent, out.stem) if out.suffix in (".pt", ".pth") else (out, "model")
+    target = folder / f"{stem}.pt"
+    if target.exists() and not args.force:
+        raise DamoError(f"{target} already exists", "use --force to overwrite it")
+    art = model_from_args(args)
+    if art.format != "torch":
+        raise DamoError(
+            f"fuse takes a PyTorch model, not {art.format}", "give a model name or a .pt checkpoint"
+        )
+    if art.path is not None and Path(art.path).resolve() == target.resolve():
+        raise DamoError(f"refusing to overwrite the input model {target}", "choose another -o")
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    mgr = get_manager()
+    step = ReparamPass(
+        {"mode": args.mode, "fold_bn": not args.no_fold_bn, "tolerance": args.tolerance}
+    )
+    ctx = PassContext(manager=mgr, workdir=folder, log=log)
+    fused = step.run(art, ctx)
+    if art.inputs:
+        ver = step.verify(art, fused, ctx)
+        log(f"fused vs original: {ver.message}")
+        if not ver.passed:
+            raise DamoError(
+                f"fused model does not match the original: {ver.message}", "nothing was written"
+            )
+    else:
+        log("input shape unknown: outputs not compared (give --input-shape to check them)")
+    before, after = art.param_count() or 0, fused.param_count() or 0
+    log(f"parameters: {before / 1e6:.3f}M -> {after / 1e6:.3f}M")
+    print(fused.save(folder, stem=stem, manager=mgr))
+    return 0

@@ -1,0 +1,180 @@
+"""The quantize and benchmark passes, their commands, and a real DAMO-YOLO-T run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from damo_plugins.cli import main
+from damo_plugins.core.manager import get_manager
+from damo_plugins.core.pipeline import run
+from damo_plugins.core.recipe import check_chain, load_recipe
+from damo_plugins.lib.decode import onnx_decode_nodes
+from damo_plugins.plugins.quantize import QuantizeConfig, QuantizePass
+from tests.adapters.adapter_toys import toy_onnx
+
+
+@pytest.fixture(scope="module")
+def toy_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("toy") / "toy.onnx"
+    path.write_bytes(toy_onnx(64).model.SerializeToString())
+    return path
+
+
+def test_output_format_follows_adapter_and_target() -> None:
+    fmt = QuantizePass.output_format
+    assert fmt(QuantizeConfig(adapter="onnxruntime"), "torch") == "onnx"
+    assert fmt(QuantizeConfig(adapter="nncf"), "onnx") == "openvino"
+    assert fmt(QuantizeConfig(adapter="nncf", target="onnx"), "torch") == "onnx"
+    assert fmt(QuantizeConfig(adapter="inc"), "torch") == "openvino"
+
+
+def test_quantize_command_writes_model_and_int8_report(
+    toy_file: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "q"
+    code = main(
+        [
+            "quantize",
+            str(toy_file),
+            "--adapter",
+            "onnxruntime",
+            "--calib",
+            "generated:6",
+            "--subset",
+            "4",
+            "-o",
+            str(out),
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    model = out / "01-quantize" / "model.onnx"
+    assert model.is_file()
+    report = json.loads((out / "report.json").read_text())
+    step = report["steps"][-1]
+    ver = step["verification"]
+    assert ver["passed"] and ver["cosine_min"] > 0.97 and "top_detection_agreement" in ver
+    assert ver["held_out"].startswith("calibration samples not used")  # 6 given, 4 used
+    assert step["metrics"]["quantization"]["kept_fp"]
+
+
+def test_recipe_quantize_then_benchmark(toy_file: Path, tmp_path: Path) -> None:
+    recipe = {
+        "model": str(toy_file),
+        "steps": [
+            {
+                "quantize": {
+                    "adapter": "nncf",
+                    "calibration": {"generated": 4},
+                    "subset_size": 4,
+                    "holdout": 2,
+                }
+            },
+            {
+                "benchmark": {
+                    "adapter": "openvino",
+                    "hint": "throughput",
+                    "iterations": 6,
+                    "warmup": 1,
+                }
+            },
+        ],
+    }
+    mgr = get_manager()
+    assert check_chain(load_recipe(recipe, mgr)) == ["onnx", "openvino", "openvino"]
+    res = run(recipe, manager=mgr, output=tmp_path / "r", log=lambda _: None)
+    bench = res.report["steps"][-1]
+    assert bench["metrics"]["benchmark"]["fps"] > 0
+    assert bench["verification"]["passed"] and bench["verification"]["iterations"] == 6
+    quant = res.report["steps"][1]
+    assert quant["verification"]["passed"] and quant["metrics"]["quantization"]["fake_quantize"] > 0
+
+
+def test_bench_command(toy_file: Path, capsys) -> None:
+    assert (
+        main(["bench", str(toy_file), "--adapter", "onnxruntime", "--iterations", "3", "--json"])
+        == 0
+    )
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["count"] == 3 and stats["median_ms"] > 0 and stats["adapter"] == "onnxruntime"
+    assert main(["bench", str(toy_file), "--device", "NPU"]) == 2
+    assert "not available" in capsys.readouterr().err
+
+
+def test_quantize_command_errors(toy_file: Path, tmp_path: Path, capsys) -> None:
+    assert (
+        main(
+            [
+                "quantize",
+                str(toy_file),
+                "--calib",
+                "generated:4",
+                "--max-drop",
+                "0.01",
+                "-o",
+                str(tmp_path / "a"),
+            ]
+        )
+        == 2
+    )
+    assert "--max-drop needs --val" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "quantize",
+                str(toy_file),
+                "--calib",
+                "generated:4",
+                "--adapter",
+                "nncff",
+                "-o",
+                str(tmp_path / "b"),
+            ]
+        )
+        == 2
+    )
+    assert "did you mean 'nncf'" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["quantize", str(toy_file), "--calib", str(empty), "-o", str(tmp_path / "c")]) == 2
+    assert "holds no images" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_damo_yolo_t_int8_with_onnxruntime(tmp_path: Path) -> None:
+    """The real model at a small input: decode excluded, INT8 agrees with FP32."""
+    if "damo-yolo-t" not in get_manager().names("model"):
+        pytest.skip("damo-yolo-t is not registered")
+    recipe = {
+        "model": "damo-yolo-t",
+        "input_shape": [1, 3, 160, 160],
+        "steps": [
+            "export",
+            {
+                "quantize": {
+                    "adapter": "onnxruntime",
+                    "calibration": {"generated": 6},
+                    "subset_size": 4,
+                    "holdout": 2,
+                }
+            },
+        ],
+    }
+    res = run(recipe, output=tmp_path / "t", log=lambda _: None)
+    step = res.report["steps"][-1]
+    assert step["verification"]["passed"], step["verification"]["message"]
+    assert step["verification"]["top_detection_agreement"] >= 0.5
+    kept = set(step["metrics"]["quantization"]["kept_fp"])
+    model = res.artifact.model
+    types = {n.op_type for n in model.graph.node if n.name in kept}
+    assert {"Sigmoid", "Softmax"} <= types
+    producer = {o: n for n in model.graph.node for o in n.output}
+    head = set(onnx_decode_nodes(model))
+    assert head
+    for node in model.graph.node:
+        if node.name in head:
+            assert all(
+                producer[i].op_type != "DequantizeLinear" for i in node.input if i in producer
+            ), node.name
