@@ -1,1 +1,1 @@
-"""Built-in plugins, registered through the ``damo_plugins`` entry-point group."""
+"""Built-in plugins, one module per entry point of the ``damo_plugins`` group (``setup.cfg``)."""

@@ -1,0 +1,1 @@
+"""The core: the plugin contract and the machinery (see docs/architecture.md)."""
