@@ -38,7 +38,6 @@ import argparse
 import contextlib
 import json
 import re
-import shlex
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -46,22 +45,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compression_table import ROOT, apply_pass, machine, packaged_checkpoint
+from common import (
+    DOCS,
+    apply_pass,
+    command,
+    machine,
+    machine_line,
+    packaged_checkpoint,
+    verdict,
+    write_section,
+)
+from common import log as _log
 
 from damo_plugins.core.artifact import ModelArtifact, load_model
 from damo_plugins.core.errors import DamoError
 from damo_plugins.core.manager import PluginManager, get_manager
 from damo_plugins.core.passes import PassContext
+from damo_plugins.core.runner import run_step
 from damo_plugins.data.evaluate import dataset_for, evaluate_artifact
 from damo_plugins.data.validation import LabelledDetections
 from damo_plugins.plugins.evaluate import EvaluateConfig
 
-DOC = ROOT / "docs" / "benchmarks" / "accuracy_control.md"
-_T0 = time.perf_counter()
-
-
-def _log(msg: str) -> None:
-    print(f"[{time.perf_counter() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+DOC = DOCS / "accuracy_control.md"
 
 
 @dataclass
@@ -142,34 +147,49 @@ def quantize_row(
     workdir: Path,
     heldout: tuple[Any, EvaluateConfig],
 ) -> Result:
-    """Run the ``quantize`` pass as the pipeline does (check, run, verify), timing ``run`` alone."""
+    """Apply the ``quantize`` pass through the step runner, as the pipeline does.
+
+    Only the pass's ``run`` happens under the row's conditions (OpenVINO's CPU default pinned
+    to f32 for the pinned rows) and with mAP evaluations counted (INC's autotune trials):
+    the verification that follows is the same for every row and is not an autotune trial.
+    """
     pass_ = mgr.get_pass("quantize")(config)
-    pass_.check_input(src)
-    ctx = PassContext(manager=mgr, workdir=workdir, seed=0, log=_log)
     counting = spec.adapter == "inc" and spec.max_drop is not None
+    calls = [0]
+    quantize = pass_.run
+
+    def run(art: ModelArtifact, ctx: PassContext) -> ModelArtifact:
+        with (
+            ov_cpu_precision("f32" if spec.pin_f32 else None),
+            counting_map_evaluations() as counted,
+        ):
+            try:
+                return quantize(art, ctx)
+            finally:
+                calls[0] = counted[0]
+
+    pass_.run = run  # type: ignore[method-assign]
+    ctx = PassContext(manager=mgr, workdir=workdir, seed=0, log=_log)
     t0 = time.perf_counter()
-    with (
-        ov_cpu_precision("f32" if spec.pin_f32 else None),
-        counting_map_evaluations() as calls,
-    ):
-        try:
-            out = pass_.run(src, ctx)
-        except DamoError as exc:
-            message = exc.message.splitlines()[0] if exc.message else type(exc).__name__
-            res = Result(spec, False, time.perf_counter() - t0, error=message)
-            if counting and "found no configuration" in res.error:
-                res.inc_trials = calls[0] - 2  # two baselines, then one call per trial
-            _log(f"  {spec.key}: {res.error}")
-            return res
-        seconds = time.perf_counter() - t0
-    res = Result(spec, True, seconds, quant=dict(ctx.extra.get("quantization") or {}))
+    try:
+        step = run_step(pass_, src, ctx)
+    except DamoError as exc:
+        message = exc.message.splitlines()[0] if exc.message else type(exc).__name__
+        res = Result(spec, False, time.perf_counter() - t0, error=message)
+        if counting and "found no configuration" in res.error:
+            res.inc_trials = calls[0] - 2  # two baselines, then one call per trial
+        _log(f"  {spec.key}: {res.error}")
+        return res
+    res = Result(spec, True, step.seconds, quant=dict(step.metrics.get("quantization") or {}))
     if counting:
         res.inc_trials = calls[0] - 3  # two baselines and the final re-check
-    ver = pass_.verify(src, out, ctx)
-    res.check, res.check_ok = dict(ver.metrics), ver.passed
+    assert step.verification is not None
+    res.check, res.check_ok = dict(step.verification.metrics), step.passed
     dataset, cfg = heldout
-    res.heldout = evaluate_artifact(out, dataset, cfg, mgr)["mAP"]
-    _log(f"  {spec.key}: {seconds:.0f} s, held-out mAP {res.heldout:.4f}; check {ver.message}")
+    res.heldout = evaluate_artifact(step.artifact, dataset, cfg, mgr)["mAP"]
+    _log(
+        f"  {spec.key}: {step.seconds:.0f} s, held-out mAP {res.heldout:.4f}; check {verdict(step)}"
+    )
     return res
 
 
@@ -186,12 +206,6 @@ def _signed(value: Any) -> str:
 
 
 # ------------------------------------------------------------------------------ report
-def _precision_name(info: dict[str, Any]) -> str:
-    """``f32``/``bf16``/... from what ``machine()`` read off OpenVINO (e.g. ``bfloat16``)."""
-    raw = str(info.get("ov_cpu_default_precision", "?"))
-    return {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}.get(raw, raw)
-
-
 def _quantizers(r: Result) -> int | None:
     q = r.quant
     return q.get("fake_quantize", q.get("quantize_linear"))
@@ -405,18 +419,12 @@ def markdown(
     origin: str,
     seconds: float,
 ) -> str:
-    cmd = "python benchmarks/bench_accuracy_control.py " + " ".join(shlex.quote(a) for a in argv)
     lines = [
         "## Accuracy-controlled INT8 (`max_drop` on COCO mAP)",
         "",
-        f"Command (took {seconds / 60:.1f} min): `{cmd.strip()}`",
+        f"Command (took {seconds / 60:.1f} min): `{command(__file__, argv)}`",
         "",
-        f"Machine: {info['cpu']} ({info['family_model']}, {info.get('hypervisor') or 'bare metal'} "
-        f"guest), {info['cpus']} vCPUs shared with other jobs (load average "
-        f"{info.get('load_average')} at the end); ISA: {', '.join(info['isa'])}. "
-        + ", ".join(f"{k} {v}" for k, v in info["versions"].items())
-        + f". OpenVINO CPU default inference precision here: "
-        f"**{info.get('ov_cpu_default_precision', '?')}**. torch threads: {args.threads}.",
+        machine_line(info) + f" torch threads: {args.threads}.",
         "",
         f"Model: {origin}, fused with the `reparam` pass; NNCF and ONNX Runtime quantize its "
         "ONNX export (NNCF after conversion to OpenVINO IR), INC the PyTorch model. Data, all "
@@ -437,7 +445,9 @@ def markdown(
         "",
         "Notes:",
         "",
-        *notes(results, fp32_heldout, fp32_control, _precision_name(info)),
+        *notes(
+            results, fp32_heldout, fp32_control, str(info.get("ov_cpu_default_precision") or "?")
+        ),
         "",
     ]
     return "\n".join(lines)
@@ -497,9 +507,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             _log(f"generating {n} val images (seed {seed}) in {root}")
             generate(root, train=0, val=n, seed=seed)
 
-    fused, _, check = apply_pass(mgr, "reparam", {}, base, tmp, log=_log)
-    _log(f"reparam {check}")
-    onnx_art, _, _ = apply_pass(mgr, "export", {"opset": 17}, fused, tmp, log=_log)
+    step = apply_pass(mgr, "reparam", {}, base, tmp)
+    _log(f"reparam {verdict(step)}")
+    fused = step.raise_if_failed().artifact
+    onnx_art = apply_pass(mgr, "export", {"opset": 17}, fused, tmp).raise_if_failed().artifact
     ir = mgr.get_adapter("openvino").convert(onnx_art)
     sources = {"nncf": ir, "inc": fused, "onnxruntime": onnx_art}
 
@@ -563,9 +574,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         origin,
         time.perf_counter() - t_start,
     )
-    doc = Path(args.doc)
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(section)
+    doc = write_section(args.doc, section)
     print(section)
     _log(f"wrote {doc}")
     summary = {

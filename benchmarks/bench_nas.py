@@ -1,19 +1,21 @@
 """MAE-NAS benchmark: scores of DAMO-YOLO T/S/M, scoring speed, a 500k search, latency predictor.
 
 Run: ``python benchmarks/bench_nas.py [--iterations 500000] [--latency-resolution 320]``.
-Prints a Markdown section and writes it to ``docs/benchmarks/nas.md`` (plus the search curve
-``docs/benchmarks/nas_curve.png``).
+Prints a Markdown section and writes it to ``docs/benchmarks/nas.md`` (``--doc``), with the
+search curve ``nas_curve.png`` beside it.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import random
 import statistics
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+
+from common import DOCS, command, interleave, machine_line, write_section
 
 from damo_plugins.nas.analysis import analyzer_for, join
 from damo_plugins.nas.latency import (
@@ -30,7 +32,6 @@ from damo_plugins.nas.search import Budgets, Search, SearchConfig, plot_curve
 from damo_plugins.nas.space import SearchSpace
 from damo_plugins.nas.structures import resolve_structure
 
-ROOT = Path(__file__).resolve().parent.parent
 NAMES = {"T": "tinynas_L20_k1kx", "S": "tinynas_L25_k1kx", "M": "tinynas_L35_kxkx"}
 
 
@@ -58,17 +59,21 @@ def speed(workers: int, rounds: int = 3) -> tuple[list[str], dict[str, float]]:
     an, init = space.bind(resolve_structure("init"))
     genomes = sample_genomes(space, init, 2000, seed=3)
     ent_structs = [join(an.bp, g) for g in genomes[:4]]
-    mad, ent = [], []
-    for _ in range(rounds):
+
+    def madnas_rate() -> float:
         t0 = time.perf_counter()
         for _ in range(25):
             for g in genomes:
                 madnas(an, g)
-        mad.append(25 * len(genomes) / (time.perf_counter() - t0))
+        return 25 * len(genomes) / (time.perf_counter() - t0)
+
+    def entropy_rate() -> float:
         t0 = time.perf_counter()
         entropy_scores(ent_structs, resolution=160, batch=32, repeats=4, workers=workers)
-        ent.append(len(ent_structs) / (time.perf_counter() - t0))
-    res = {"madnas": statistics.median(mad), "entropy": statistics.median(ent)}
+        return len(ent_structs) / (time.perf_counter() - t0)
+
+    rates = interleave({"madnas": madnas_rate, "entropy": entropy_rate}, rounds)
+    res = {k: statistics.median(v) for k, v in rates.items()}
     lines = [
         "| score | candidates/s (median of 3 rounds) |",
         "|---|---|",
@@ -79,7 +84,7 @@ def speed(workers: int, rounds: int = 3) -> tuple[list[str], dict[str, float]]:
     return lines, res
 
 
-def search_runs(iterations: int, seeds: list[int]) -> tuple[list[str], Path | None]:
+def search_runs(iterations: int, seeds: list[int], png: Path) -> tuple[list[str], Path | None]:
     t = resolve_structure("t")
     an, g = analyzer_for(t, 640, True)
     t_score = madnas(an, g)
@@ -113,7 +118,7 @@ def search_runs(iterations: int, seeds: list[int]) -> tuple[list[str], Path | No
         if curve_png is None:
             curve_png = plot_curve(
                 res.curve,
-                ROOT / "docs" / "benchmarks" / "nas_curve.png",
+                png,
                 init_score=res.init.score,
                 title=f"madnas search under T's budget (seed {seed})",
             )
@@ -209,7 +214,8 @@ def latency_check(
     ]
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--iterations", type=int, default=500_000)
     ap.add_argument("--seeds", default="0,1,2")
@@ -220,14 +226,15 @@ def main() -> None:
     ap.add_argument("--latency-rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip-latency", action="store_true")
-    args = ap.parse_args()
+    ap.add_argument("--doc", default=str(DOCS / "nas.md"), help="Markdown file to write")
+    args = ap.parse_args(argv)
     random.seed(0)
     out: list[str] = [
         "## MAE-NAS (`damo-opt nas`)",
         "",
-        f"Command: `python benchmarks/bench_nas.py` ({platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs, shared with other jobs while measured: absolute times are noisy, "
-        "ratios measured side by side are the figures to quote).",
+        f"Command: `{command(__file__, argv)}`",
+        "",
+        machine_line(),
         "",
         "### Scores of DAMO-YOLO's backbones",
         "",
@@ -243,7 +250,8 @@ def main() -> None:
     lines, _ = speed(args.workers)
     out += lines
     out += ["", f"### {args.iterations:,}-candidate madnas search under DAMO-YOLO-T's budget", ""]
-    lines, png = search_runs(args.iterations, [int(s) for s in args.seeds.split(",")])
+    seeds = [int(s) for s in args.seeds.split(",")]
+    lines, png = search_runs(args.iterations, seeds, Path(args.doc).with_name("nas_curve.png"))
     out += lines
     if png is not None:
         out += ["", f"![search curve]({png.name})"]
@@ -258,9 +266,7 @@ def main() -> None:
         )
     text = "\n".join(out) + "\n"
     print(text)
-    dest = ROOT / "docs" / "benchmarks" / "nas.md"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(text)
+    write_section(args.doc, text)
 
 
 if __name__ == "__main__":

@@ -13,82 +13,63 @@ them. Prints a Markdown section and writes it to ``docs/benchmarks/reparam.md``.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import statistics
 import sys
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def interleaved(
-    fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 2
-) -> dict[str, dict[str, list[float]]]:
-    """Run each function once per round, alternating the order.
-
-    Returns seconds per call, wall clock (``wall``) and CPU time of this process (``cpu``):
-    with one thread, CPU time counts the work done and not the time spent waiting for a
-    core, which is what dominates wall clock on a shared, oversubscribed machine.
-    """
-    names = list(fns)
-    for _ in range(warmup):
-        for n in names:
-            fns[n]()
-    times: dict[str, dict[str, list[float]]] = {n: {"wall": [], "cpu": []} for n in names}
-    for r in range(rounds):
-        for n in names if r % 2 == 0 else names[::-1]:
-            c0, t0 = time.process_time(), time.perf_counter()
-            fns[n]()
-            times[n]["wall"].append(time.perf_counter() - t0)
-            times[n]["cpu"].append(time.process_time() - c0)
-    return times
+from common import (
+    DOCS,
+    Interleaved,
+    apply_pass,
+    command,
+    interleaved_timing,
+    log,
+    machine_line,
+    quiet,
+    write_section,
+)
 
 
-def summarize(times: dict[str, dict[str, list[float]]], clock: str) -> tuple[float, ...]:
+def summarize(times: Interleaved[str], clock: str) -> tuple[float, float, float, float]:
     """Medians (ms) of unfused and fused, ratio of medians, median of per-round ratios."""
-    base, fused = times["unfused"][clock], times["fused"][clock]
-    med_b, med_f = statistics.median(base), statistics.median(fused)
-    per_round = statistics.median(b / f for b, f in zip(base, fused))
-    return med_b * 1e3, med_f * 1e3, med_b / med_f, per_round
+    return (
+        times.median("unfused", clock),  # type: ignore[arg-type]
+        times.median("fused", clock),  # type: ignore[arg-type]
+        times.ratio_of_medians("unfused", "fused", clock),  # type: ignore[arg-type]
+        times.ratio("unfused", "fused", clock),  # type: ignore[arg-type]
+    )
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     from damo_plugins.core.artifact import build_model
     from damo_plugins.core.manager import get_manager
     from damo_plugins.core.onnx_utils import ort_session
-    from damo_plugins.core.passes import PassContext
-    from damo_plugins.lib.onnx_export import export_onnx
-    from damo_plugins.plugins.reparam import ReparamPass
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--size", type=int, default=640)
     ap.add_argument("--models", default="t,s,m")
-    ap.add_argument("--output", default=str(ROOT / "docs" / "benchmarks" / "reparam.md"))
+    ap.add_argument("--output", default=str(DOCS / "reparam.md"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     mgr = get_manager()
     shape = [1, 3, args.size, args.size]
     x = torch.rand(*shape)
     feed = x.numpy()
+    work = Path(".")
     rows_pt, rows_ort, rows_size = [], [], []
     for preset in args.models.split(","):
         name = f"damo-yolo-{preset}"
-        print(f"{name}: building, fusing, exporting ...", file=sys.stderr, flush=True)
+        log(f"{name}: building, fusing, exporting ...")
         art = build_model(name, mgr.get_model_builder(name), input_shape=shape)
-        ctx = PassContext(manager=mgr, workdir=Path("."), log=lambda _m: None)
-        step = ReparamPass()
-        fused = step.run(art, ctx)
-        ver = step.verify(art, fused, ctx)
+        step = apply_pass(mgr, "reparam", {}, art, work, log=quiet).raise_if_failed()
+        fused = step.artifact
         models = {"unfused": art.model.eval(), "fused": fused.model.eval()}
         sizes = {}
         for key, m in models.items():
@@ -98,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                 sum(p.numel() for p in m.parameters()) / 1e6,
                 counter.get_total_flops() / 1e9,
             )
-        rows_size.append((name, sizes, ctx.extra, ver.metrics["max_rel"]))
+        assert step.verification is not None
+        rows_size.append((name, sizes, step.metrics, step.verification.metrics["max_rel"]))
 
         def eager(m: torch.nn.Module) -> Callable[[], object]:
             def run() -> object:
@@ -107,13 +89,19 @@ def main(argv: list[str] | None = None) -> int:
 
             return run
 
-        print(f"{name}: PyTorch eager ...", file=sys.stderr, flush=True)
-        rows_pt.append((name, interleaved({k: eager(m) for k, m in models.items()}, args.rounds)))
+        log(f"{name}: PyTorch eager ...")
+        rows_pt.append(
+            (
+                name,
+                interleaved_timing({k: eager(m) for k, m in models.items()}, args.rounds, warmup=2),
+            )
+        )
 
         sessions = {}
         for key, a in (("unfused", art), ("fused", fused)):
-            proto = export_onnx(a, opset=17)
-            sessions[key] = (ort_session(proto, threads=args.threads), len(proto.graph.node))
+            proto = apply_pass(mgr, "export", {"opset": 17}, a, work, log=quiet).raise_if_failed()
+            model = proto.artifact.model
+            sessions[key] = (ort_session(model, threads=args.threads), len(model.graph.node))
         out_u = sessions["unfused"][0].run(None, {"images": feed})
         out_f = sessions["fused"][0].run(None, {"images": feed})
         ort_rel = max(float(np.abs(a - b).max() / np.abs(a).max()) for a, b in zip(out_u, out_f))
@@ -121,26 +109,23 @@ def main(argv: list[str] | None = None) -> int:
         def ort_run(sess: object) -> Callable[[], object]:
             return lambda: sess.run(None, {"images": feed})  # type: ignore[attr-defined]
 
-        print(f"{name}: ONNX Runtime ...", file=sys.stderr, flush=True)
-        times = interleaved({k: ort_run(s) for k, (s, _) in sessions.items()}, args.rounds)
+        log(f"{name}: ONNX Runtime ...")
+        times = interleaved_timing(
+            {k: ort_run(s) for k, (s, _) in sessions.items()}, args.rounds, warmup=2
+        )
         rows_ort.append((name, times, sessions["unfused"][1], sessions["fused"][1], ort_rel))
-
-    import onnxruntime
 
     lines = [
         "## reparam: unfused vs fused DAMO-YOLO latency",
         "",
-        f"Command: `python benchmarks/bench_reparam.py --rounds {args.rounds} --threads {args.threads} "
-        f"--size {args.size} --models {args.models}`",
+        f"Command: `{command(__file__, argv)}`",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} vCPU, "
-        f"{args.threads} thread(s); torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; "
-        f"batch 1, {args.size}x{args.size}, random weights. Each round runs both variants "
-        f"(alternating order); {args.rounds} rounds after 2 warm-up runs. **The machine was "
-        "shared with other jobs while this ran: absolute milliseconds are noisy; the ratios, "
-        "measured side by side, are the figures to read. `cpu` is this process's CPU time per "
-        "inference (with one thread: the work done, without the time spent waiting for a "
-        "core); `wall` is elapsed time.**",
+        machine_line(),
+        "",
+        f"{args.threads} thread(s); batch 1, {args.size}x{args.size}, random weights. Each round "
+        f"runs both variants (alternating order); {args.rounds} rounds after 2 warm-up runs. "
+        "`cpu` is this process's CPU time per inference (with one thread: the work done, "
+        "without the time spent waiting for a core); `wall` is elapsed time.",
         "",
         "### Size (what `reparam` removes)",
         "",
@@ -197,10 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     text = "\n".join(lines) + "\n"
     print(text)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(f"written to {out}", file=sys.stderr)
+    log(f"written to {write_section(args.output, text)}")
     return 0
 
 

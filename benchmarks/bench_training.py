@@ -25,30 +25,35 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
-import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from common import (
+    DOCS,
+    ROOT,
+    apply_pass,
+    command,
+    interleaved_timing,
+    machine_line,
+    md_table,
+    quiet,
+    verdict,
+    write_section,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from damo_plugins.core.artifact import load_model  # noqa: E402
-from damo_plugins.core.manager import get_manager  # noqa: E402
-from damo_plugins.core.passes import PassContext  # noqa: E402
-from damo_plugins.data.evaluate import evaluate  # noqa: E402
-from damo_plugins.data.synthetic import generate  # noqa: E402
-from damo_plugins.lib.onnx_export import export_onnx  # noqa: E402
-from damo_plugins.plugins.prune import PrunePass  # noqa: E402
-from damo_plugins.train.distill import distill  # noqa: E402
-from damo_plugins.train.loop import FitResult, TrainConfig, fit, save_checkpoint  # noqa: E402
-from damo_plugins.train.trainer import data_splits  # noqa: E402
+from damo_plugins.core.artifact import load_model
+from damo_plugins.core.manager import get_manager
+from damo_plugins.data.evaluate import evaluate
+from damo_plugins.data.synthetic import generate
+from damo_plugins.train.distill import distill
+from damo_plugins.train.loop import FitResult, TrainConfig, fit, save_checkpoint
+from damo_plugins.train.trainer import data_splits
 
 ASSET = ROOT / "damo_plugins" / "assets" / "damo-yolo-nano-synth"
 SIZE = 256
@@ -121,7 +126,7 @@ def section_train(args: argparse.Namespace) -> None:
         "mAP": round(metrics["mAP"], 4),
         "mAP50": round(metrics["mAP50"], 4),
         "history": res.history,
-        "command": "python benchmarks/bench_training.py " + " ".join(sys.argv[1:]),
+        "command": command(__file__, args.argv),
     }
     previous = Path(args.work) / "train.json"
     if args.adopt and previous.exists():  # keep the command that actually trained the model
@@ -194,43 +199,33 @@ def section_distill(args: argparse.Namespace) -> None:
         "student_params": sum(p.numel() for p in _build(args.student_width).model.parameters()),
         "epochs": args.student_epochs,
         "runs": runs,
+        "command": command(__file__, args.argv),
     }
     _save(Path(args.work) / "distill.json", result)
 
 
-def _ort_latency(models: dict[str, Any], rounds: int) -> dict[str, dict[str, float]]:
-    import onnxruntime as ort
+def _ort_latency(models: dict[str, Any], rounds: int, work: Path) -> dict[str, dict[str, float]]:
+    """ONNX Runtime latency (1 thread) of each model's export, in interleaved rounds; the
+    speed-up of each against the first is the median of per-round CPU-time ratios."""
+    from damo_plugins.core.onnx_utils import ort_session
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    sessions = {
-        k: ort.InferenceSession(
-            export_onnx(a).SerializeToString(), opts, providers=["CPUExecutionProvider"]
-        )
-        for k, a in models.items()
-    }
+    mgr = get_manager()
     x = np.random.default_rng(0).uniform(0, 255, (1, 3, SIZE, SIZE)).astype(np.float32)
-    names = list(sessions)
-    times: dict[str, dict[str, list[float]]] = {n: {"wall": [], "cpu": []} for n in names}
-    for n in names:
-        sessions[n].run(None, {"images": x})
-    for r in range(rounds):
-        for n in names if r % 2 == 0 else names[::-1]:
-            c0, t0 = time.process_time(), time.perf_counter()
-            sessions[n].run(None, {"images": x})
-            times[n]["wall"].append(time.perf_counter() - t0)
-            times[n]["cpu"].append(time.process_time() - c0)
-    base = names[0]
-    out = {}
-    for n in names:
-        out[n] = {
-            "wall_ms": round(statistics.median(times[n]["wall"]) * 1e3, 2),
-            "cpu_ms": round(statistics.median(times[n]["cpu"]) * 1e3, 2),
-            "speedup_cpu": round(
-                statistics.median(b / c for b, c in zip(times[base]["cpu"], times[n]["cpu"])), 2
-            ),
+    runs = {}
+    for k, a in models.items():
+        onnx_art = apply_pass(mgr, "export", {}, a, work, log=quiet).raise_if_failed().artifact
+        sess = ort_session(onnx_art.model, threads=1)
+        runs[k] = lambda sess=sess: sess.run(None, {"images": x})
+    times = interleaved_timing(runs, rounds)
+    base = next(iter(models))
+    return {
+        n: {
+            "wall_ms": round(times.median(n, "wall"), 2),
+            "cpu_ms": round(times.median(n, "cpu"), 2),
+            "speedup_cpu": round(times.ratio(base, n, "cpu"), 2),
         }
-    return out
+        for n in models
+    }
 
 
 def section_prune(args: argparse.Namespace) -> None:
@@ -243,7 +238,6 @@ def section_prune(args: argparse.Namespace) -> None:
         importance, scope = variant.split(":")
         for ratio in (float(r) for r in args.prune_ratios.split(",")):
             name = f"{importance} {scope} {int(ratio * 100)}%"
-            ctx = PassContext(manager=get_manager(), workdir=Path(args.work), log=ctx_log)
             cfg = {
                 "ratio": ratio,
                 "importance": importance,
@@ -254,19 +248,19 @@ def section_prune(args: argparse.Namespace) -> None:
                 "batch_size": args.batch,
                 "data": str(root),
             }
-            t0 = time.perf_counter()
-            out = PrunePass(cfg).run(base, ctx)
-            rows[name] = {**ctx.extra, "wall_min": round((time.perf_counter() - t0) / 60, 1)}
+            res = apply_pass(get_manager(), "prune", cfg, base, Path(args.work), log=ctx_log)
+            out = res.artifact
+            rows[name] = {**res.metrics, "wall_min": round(res.seconds / 60, 1)}
             models[name] = out
             save_checkpoint(
                 Path(args.work) / f"pruned-{importance}-{scope}-{int(ratio * 100)}.pt",
                 out.model,
                 out.arch,
                 [1, 3, SIZE, SIZE],
-                {"prune": ctx.extra},
+                {"prune": res.metrics},
             )
-            print(name, ctx.extra, flush=True)
-    latency = _ort_latency(models, args.rounds)
+            print(name, res.metrics, f"check {verdict(res)}", flush=True)
+    latency = _ort_latency(models, args.rounds, Path(args.work))
     _save(
         Path(args.work) / "prune.json",
         {
@@ -274,6 +268,7 @@ def section_prune(args: argparse.Namespace) -> None:
             "latency": latency,
             "epochs": args.finetune_epochs,
             "steps": args.prune_steps,
+            "command": command(__file__, args.argv),
         },
     )
 
@@ -286,16 +281,22 @@ def _fmt_g(x: float | None) -> str:
     return "—" if x is None else f"{x / 1e9:.3f} G"
 
 
+def _made_by(section: dict[str, Any]) -> list[str]:
+    """The command a section's JSON records, as a line of the report."""
+    return [f"Made by: `{section['command']}`", ""] if section.get("command") else []
+
+
 def section_report(args: argparse.Namespace) -> str:
     work = Path(args.work)
     lines = [
         "## Training, distillation and pruning (generated data set)",
         "",
-        f"Command: `python benchmarks/bench_training.py all --work {args.work}` (sections: train, "
-        "distill, prune, report). Machine: 2 vCPU, **shared with other engineers' jobs during "
-        "these runs** (load average 6–11): wall-clock times are inflated and noisy; CPU time "
-        "(one torch thread) is what the work costs on an idle core. "
-        f"Python {platform.python_version()}, torch {torch.__version__}.",
+        f"Command: `{command(__file__, args.argv)}` (sections: train, distill, prune, report; "
+        "each section below says which command made it). Wall-clock times are inflated and "
+        "noisy on a shared machine; CPU time (one torch thread) is what the work costs on an "
+        "idle core.",
+        "",
+        machine_line(),
         "",
         "Data: `damo_plugins.data.synthetic.generate(seed=0)`, 3000 train / 300 val images "
         "(256–320 px, 6 shape classes, clutter, noise). mAP = COCO mAP@[.5:.95] (pycocotools) on "
@@ -304,14 +305,22 @@ def section_report(args: argparse.Namespace) -> str:
     ]
     if (work / "train.json").exists():
         t = json.loads((work / "train.json").read_text())
+        head = ["model", "params", "FLOPs (256 px)", "epochs (iterations, batch 16)", "wall"]
+        row = [
+            t["model"],
+            _fmt_m(t["params"]),
+            _fmt_g(t["flops"]),
+            f"{t['epochs_done']} ({t['iterations']})",
+            f"{t['wall_min']} min",
+            f"{t['cpu_min'] or '—'} min",
+            f"{t['mAP']:.3f}",
+            f"{t['mAP50']:.3f}",
+        ]
         lines += [
             "### Small model",
             "",
-            "| model | params | FLOPs (256 px) | epochs (iterations, batch 16) | wall | CPU | mAP | mAP@.5 |",
-            "|---|---|---|---|---|---|---|---|",
-            f"| {t['model']} | {_fmt_m(t['params'])} | {_fmt_g(t['flops'])} | {t['epochs_done']} "
-            f"({t['iterations']}) | {t['wall_min']} min | {t['cpu_min'] or '—'} min | {t['mAP']:.3f} | "
-            f"{t['mAP50']:.3f} |",
+            *_made_by(t),
+            *md_table([*head, "CPU", "mAP", "mAP@.5"], [row]),
             "",
             "Per epoch (validation on the first 150 images, EMA weights): "
             + ", ".join(f"{h['epoch']}: {h.get('mAP', float('nan')):.3f}" for h in t["history"]),
@@ -320,22 +329,28 @@ def section_report(args: argparse.Namespace) -> str:
     if (work / "distill.json").exists():
         d = json.loads((work / "distill.json").read_text())
         runs = d["runs"]
+        labels = {"alone": "alone", "cwd": "with teacher, CWD", "mse": "with teacher, MSE"}
         lines += [
             "### Distillation",
             "",
+            *_made_by(d),
             f"Student {d['student']} ({_fmt_m(d['student_params'])} params), {d['epochs']} epochs, "
             f"same seed and schedule; teacher = the small model above (mAP {d['teacher_mAP']}).",
             "",
-            "| student trained | mAP | mAP@.5 | wall | CPU |",
-            "|---|---|---|---|---|",
+            *md_table(
+                ["student trained", "mAP", "mAP@.5", "wall", "CPU"],
+                [
+                    [
+                        labels.get(mode, mode),
+                        f"{r['mAP']:.3f}",
+                        f"{r['mAP50']:.3f}",
+                        f"{r['wall_min']} min",
+                        f"{r['cpu_min']} min",
+                    ]
+                    for mode, r in runs.items()
+                ],
+            ),
         ]
-        for mode, r in runs.items():
-            label = {"alone": "alone", "cwd": "with teacher, CWD", "mse": "with teacher, MSE"}.get(
-                mode, mode
-            )
-            lines.append(
-                f"| {label} | {r['mAP']:.3f} | {r['mAP50']:.3f} | {r['wall_min']} min | {r['cpu_min']} min |"
-            )
         if "alone" in runs:
             for mode in runs:
                 if mode != "alone":
@@ -345,39 +360,56 @@ def section_report(args: argparse.Namespace) -> str:
     if (work / "prune.json").exists():
         p = json.loads((work / "prune.json").read_text())
         lat = p["latency"]
+        first = next(iter(p["rows"].values()))
+        rows = [
+            [
+                "original",
+                0,
+                _fmt_m(first["params_before"]),
+                _fmt_g(first["flops_before"]),
+                lat["original"]["cpu_ms"],
+                "1.00x",
+                f"{first.get('mAP_before', 0):.3f}",
+                "—",
+                "—",
+            ]
+        ]
+        rows += [
+            [
+                name,
+                f"{r['channels_removed']:.1%}",
+                _fmt_m(r["params_after"]),
+                _fmt_g(r["flops_after"]),
+                lat[name]["cpu_ms"],
+                f"{lat[name]['speedup_cpu']:.2f}x",
+                "—",
+                f"{r.get('mAP_pruned', 0):.3f}",
+                f"{r.get('mAP_finetuned', float('nan')):.3f}",
+            ]
+            for name, r in p["rows"].items()
+        ]
+        head = ["model", "channels removed", "params", "FLOPs", "ORT latency (CPU ms)"]
         lines += [
             "### Structured pruning",
             "",
+            *_made_by(p),
             f"Each row: importance and ranking as named, {p.get('steps', 1)} iterative step(s), "
             f"each followed by {p['epochs']} fine-tuning epoch(s) (AdamW, EMA; Taylor = "
             "detection-loss gradients on 64 training images before each step). "
             "Latency: ONNX Runtime, 1 thread, batch 1, 256 px, interleaved rounds, medians; "
             "speed-up = median of per-round CPU-time ratios.",
             "",
-            "| model | channels removed | params | FLOPs | ORT latency (CPU ms) | speed-up | mAP | mAP pruned | mAP fine-tuned |",
-            "|---|---|---|---|---|---|---|---|---|",
+            *md_table([*head, "speed-up", "mAP", "mAP pruned", "mAP fine-tuned"], rows),
+            "",
         ]
-        first = next(iter(p["rows"].values()))
-        lines.append(
-            f"| original | 0 | {_fmt_m(first['params_before'])} | {_fmt_g(first['flops_before'])} | "
-            f"{lat['original']['cpu_ms']} | 1.00x | {first.get('mAP_before', 0):.3f} | — | — |"
-        )
-        for name, r in p["rows"].items():
-            lines.append(
-                f"| {name} | {r['channels_removed']:.1%} | {_fmt_m(r['params_after'])} | "
-                f"{_fmt_g(r['flops_after'])} | {lat[name]['cpu_ms']} | {lat[name]['speedup_cpu']:.2f}x | "
-                f"— | {r.get('mAP_pruned', 0):.3f} | {r.get('mAP_finetuned', float('nan')):.3f} |"
-            )
-        lines.append("")
     text = "\n".join(lines) + "\n"
-    out = ROOT / "docs" / "benchmarks" / "training.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    write_section(args.doc, text)
     print(text)
     return text
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -408,7 +440,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--save-asset", action="store_true")
     ap.add_argument("--adopt", help="train: measure this finished run folder instead of training")
-    args = ap.parse_args()
+    ap.add_argument("--doc", default=str(DOCS / "training.md"), help="report: Markdown to write")
+    args = ap.parse_args(argv)
+    args.argv = argv
     torch.set_num_threads(args.threads)
     sections = ["train", "distill", "prune", "report"] if args.section == "all" else [args.section]
     for s in sections:

@@ -7,66 +7,54 @@ description of the machine. Run: ``python benchmarks/collect.py``.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import platform
+import argparse
 import re
-import subprocess
-from importlib import metadata
-from pathlib import Path
+import sys
+from collections.abc import Sequence
 
-ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ROOT / "docs" / "benchmarks"
+from common import DOCS, ROOT, SHARED_MACHINE, log, machine, write_section
+
+from damo_plugins.lib.machine import summary
+
 ORDER = ["compression", "adapters", "accuracy_control", "reparam", "training", "nas", "keypoints"]
 
 
-def machine() -> str:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        lscpu = ""
-    model = re.search(r"Model name:\s*(.+)", lscpu)
-    flags = set(re.search(r"Flags:\s*(.+)", lscpu).group(1).split()) if "Flags:" in lscpu else set()
-    isa = [
-        f
-        for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
-        if f in flags
-    ]
-    versions = []
-    for dist in ("torch", "onnxruntime", "openvino", "nncf", "neural-compressor"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            versions.append(f"{dist} {metadata.version(dist)}")
-    return (
-        f"- CPU: {model.group(1).strip() if model else platform.processor()}, "
-        f"{os.cpu_count()} logical cores; ISA: {', '.join(isa) or 'unknown'}\n"
-        f"- Python {platform.python_version()}; {', '.join(versions)}\n"
-        "- On this CPU (AVX512-BF16) OpenVINO's default CPU inference precision is **bf16**; "
-        "our OpenVINO adapter compiles in true **f32** unless asked otherwise, and every table "
-        "says which precision its rows use.\n"
-        "- The machine is shared (2 vCPUs, other jobs running while most of these were measured): "
-        "absolute milliseconds are noisy; the ratios, measured side by side in interleaved "
-        "rounds, are the figures to quote."
-    )
+def machine_notes() -> str:
+    """The machine as a list: description, what OpenVINO does by default here, the caveat."""
+    info = machine()
+    precision = info.get("ov_cpu_default_precision")
+    lines = [f"- {summary(info)}"]
+    if precision and precision != "f32":
+        lines.append(
+            f"- On this CPU OpenVINO's default CPU inference precision is **{precision}**; our "
+            "OpenVINO adapter compiles in true **f32** unless asked otherwise, and every table "
+            "says which precision its rows use."
+        )
+    lines.append(f"- {SHARED_MACHINE} Each section describes the machine it was measured on.")
+    return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--output", default=str(ROOT / "docs" / "benchmarks.md"))
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     parts = [
         "# Benchmarks\n",
         "Every section below was produced by a script in `benchmarks/` on the machine described "
         "here; its command is given in the section. `python benchmarks/collect.py` rebuilds this "
         "page from `docs/benchmarks/*.md`.\n",
         "## Machine\n",
-        machine() + "\n",
+        machine_notes() + "\n",
     ]
-    names = [n for n in ORDER if (SECTIONS / f"{n}.md").exists()]
-    names += sorted(p.stem for p in SECTIONS.glob("*.md") if p.stem not in ORDER)
+    names = [n for n in ORDER if (DOCS / f"{n}.md").exists()]
+    names += sorted(p.stem for p in DOCS.glob("*.md") if p.stem not in ORDER)
     parts.append("Sections: " + ", ".join(f"[{n}](#{n})" for n in names) + "\n")
     for name in names:
-        text = (SECTIONS / f"{name}.md").read_text()
+        text = (DOCS / f"{name}.md").read_text()
         text = re.sub(r"\]\((?!https?:|/|benchmarks/)([^)]+\.png)\)", r"](benchmarks/\1)", text)
         parts.append(f'<a id="{name}"></a>\n\n' + text.strip() + "\n")
-    (ROOT / "docs" / "benchmarks.md").write_text("\n".join(parts))
-    print(f"wrote docs/benchmarks.md ({len(names)} sections)")
+    out = write_section(args.output, "\n".join(parts))
+    log(f"wrote {out} ({len(names)} sections)")
 
 
 if __name__ == "__main__":

@@ -38,15 +38,9 @@ latency vs mAP (or latency per variant without mAP).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import math
 import os
-import platform
 import re
-import shlex
-import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -56,17 +50,32 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# the shared helpers sit beside this script (on sys.path already when it runs as a script;
+# a test that loads it by path needs it added)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from damo_plugins.core.artifact import ModelArtifact, load_model  # noqa: E402
-from damo_plugins.core.errors import DamoError  # noqa: E402
-from damo_plugins.core.manager import PluginManager, get_manager  # noqa: E402
-from damo_plugins.core.passes import PassContext  # noqa: E402
-from damo_plugins.core.report import human  # noqa: E402
+from common import (
+    DOCS,
+    apply_pass,
+    command,
+    interleaved_timing,
+    log,
+    machine,
+    machine_line,
+    packaged_checkpoint,
+    parse_model_args,
+    verdict,
+    write_section,
+)
+from common import round_ratio as _round_ratio
 
-DOC = ROOT / "docs" / "benchmarks" / "compression.md"
-PLOT = ROOT / "docs" / "benchmarks" / "compression.png"
+from damo_plugins.core.artifact import ModelArtifact, load_model
+from damo_plugins.core.errors import DamoError
+from damo_plugins.core.manager import PluginManager, get_manager
+from damo_plugins.core.report import human
+
+DOC = DOCS / "compression.md"
+PLOT = DOCS / "compression.png"
 #: the goals of issue 7 (mAP in points of mAP@[.5:.95] x 100)
 GOAL_INT8_SPEEDUP, GOAL_INT8_DROP = 2.0, 0.5
 GOAL_BEST_SPEEDUP, GOAL_BEST_DROP, GOAL_BEST_SMALLER = 3.0, 1.0, 0.75
@@ -77,7 +86,6 @@ ARTICLE = [
     ("pruned", 22.9, 49.4, 48.9, 3.87),
     ("quantized + pruned", 5.8, 12.4, 48.1, 1.95),
 ]
-SECTION_RE = re.compile(r"<!-- section: (?P<key>[^ ]+) -->\n(?P<body>.*?)<!-- /section -->\n", re.S)
 
 
 # ------------------------------------------------------------------------------ rows
@@ -103,32 +111,6 @@ class Row:
     latency: dict[str, float] = field(default_factory=dict)
 
 
-_T0 = time.perf_counter()
-
-
-def _log(msg: str) -> None:
-    print(f"[{time.perf_counter() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
-
-
-def apply_pass(
-    mgr: PluginManager,
-    name: str,
-    config: dict[str, Any],
-    art: ModelArtifact,
-    workdir: Path,
-    *,
-    log: Callable[[str], None] = _log,
-) -> tuple[ModelArtifact, dict[str, Any], str]:
-    """Run and verify one registered pass, as the pipeline does; (artifact, metrics, check)."""
-    pass_ = mgr.get_pass(name)(config)
-    pass_.check_input(art)
-    ctx = PassContext(manager=mgr, workdir=workdir, seed=0, log=log)
-    out = pass_.run(art, ctx)
-    ver = pass_.verify(art, out, ctx)
-    check = ("ok: " if ver.passed else "verification FAILED: ") + ver.message
-    return out, dict(ctx.extra), check
-
-
 def _files_size(path: Path) -> tuple[int, int]:
     """(bytes of the model's files, bytes of its weights file) — an IR has ``.xml`` + ``.bin``."""
     if path.suffix == ".xml":
@@ -150,15 +132,7 @@ def save_deploy(row: Row, mgr: PluginManager, folder: Path) -> None:
 # -------------------------------------------------------------------------- building
 def resolve_model(args: argparse.Namespace, mgr: PluginManager) -> tuple[ModelArtifact, str]:
     """The starting model and where it came from (a checkpoint, or random weights)."""
-    model_args: dict[str, Any] = {}
-    for item in args.model_arg:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise DamoError(f"--model-arg '{item}' is not KEY=VALUE")
-        try:
-            model_args[key] = json.loads(value)
-        except ValueError:
-            model_args[key] = value
+    model_args = parse_model_args(args.model_arg)
     shape = [1, 3, args.size, args.size] if args.size else None
     if args.checkpoint:
         art = load_model(args.checkpoint, manager=mgr, input_shape=shape)
@@ -190,17 +164,6 @@ def resolve_model(args: argparse.Namespace, mgr: PluginManager) -> tuple[ModelAr
     return art, origin
 
 
-def packaged_checkpoint() -> Path | None:
-    """The trained small model shipped in ``damo_plugins/assets`` (demo's name first)."""
-    from damo_plugins.demo import embedded_checkpoint
-
-    found = embedded_checkpoint()
-    if found is not None:
-        return found
-    assets = sorted((ROOT / "damo_plugins" / "assets").glob("*synth*.pt"))
-    return assets[0] if assets else None
-
-
 def prepare_data(args: argparse.Namespace, work: Path) -> Path | None:
     """The synthetic set (seed 0) in our layout: the first train images (for fine-tuning) and
     the first val images — the val split is never trained on. Reused when already written."""
@@ -211,7 +174,7 @@ def prepare_data(args: argparse.Namespace, work: Path) -> Path | None:
     train = args.finetune_images if args.finetune_epochs else 0
     root = work / f"data-{train}-{args.val_images}"
     if not (root / "val.json").is_file():
-        _log(f"generating {train} train / {args.val_images} val images (seed 0) in {root}")
+        log(f"generating {train} train / {args.val_images} val images (seed 0) in {root}")
         generate(root, train=train, val=args.val_images, seed=0)
     return root
 
@@ -245,13 +208,14 @@ def build_rows(
         again (NNCF: the OpenVINO IR, ONNX Runtime: the ONNX export, INC: PyTorch)."""
         src = {"nncf": fp32.deploy, "onnxruntime": fp32.ort}.get(adapter) or fp32.source
         t0 = time.perf_counter()
-        q, metrics, check = apply_pass(
+        res = apply_pass(
             mgr,
             "quantize",
             {"adapter": adapter, "calibration": calib, "subset_size": args.calib},
             src,
             tmp,
         )
+        q, metrics, check = res.artifact, res.metrics, verdict(res)
         row = Row(key, label, fp32.source, q)
         if q.format == "onnx":
             row.ort = q
@@ -263,14 +227,14 @@ def build_rows(
         return row
 
     rows: list[Row] = []
-    _log("original and fused ...")
+    log("original and fused ...")
     rows.append(fp32_row("original", "original (unfused FP32)", base))
-    fused, _, check = apply_pass(mgr, "reparam", {}, base, tmp)
-    rows.append(fp32_row("fused", "fused (reparam) FP32", fused))
-    rows[-1].notes.append(f"reparam {check}")
+    res = apply_pass(mgr, "reparam", {}, base, tmp)
+    rows.append(fp32_row("fused", "fused (reparam) FP32", res.artifact))
+    rows[-1].notes.append(f"reparam {verdict(res)}")
     if args.distilled:
         student = load_model(args.distilled, manager=mgr, input_shape=base.inputs[0].shape)
-        dfused, _, _ = apply_pass(mgr, "reparam", {}, student, tmp)
+        dfused = apply_pass(mgr, "reparam", {}, student, tmp).raise_if_failed().artifact
         rows.append(fp32_row("distilled", "distilled (fused) FP32", dfused))
         rows[-1].notes.append(f"distilled checkpoint `{Path(args.distilled).name}`")
     else:
@@ -278,7 +242,7 @@ def build_rows(
             "No **distilled** row: no distilled checkpoint was given (`--distilled PATH`); the "
             "`distill` pass makes one (see `docs/benchmarks/training.md`)."
         )
-    _log(f"pruning {args.prune_ratio:.0%} ...")
+    log(f"pruning {args.prune_ratio:.0%} ...")
     prune_cfg: dict[str, Any] = {
         "ratio": args.prune_ratio,
         "importance": args.prune_importance,
@@ -301,7 +265,7 @@ def build_rows(
         found = re.search(r"\bseconds ([0-9.]+)", line)
         if "fine-tune" in line and found:
             epochs.append(float(found.group(1)))
-        _log(line)
+        log(line)
 
     import torch
 
@@ -309,11 +273,12 @@ def build_rows(
     torch.set_num_threads(max(1, args.train_threads))
     t0 = time.perf_counter()
     try:
-        pruned, pm, check = apply_pass(mgr, "prune", prune_cfg, base, tmp, log=prune_log)
+        res = apply_pass(mgr, "prune", prune_cfg, base, tmp, log=prune_log)
     finally:
         torch.set_num_threads(threads)
+    pruned, pm, check = res.artifact, res.metrics, verdict(res)
     prune_s = time.perf_counter() - t0
-    pruned_fused, _, _ = apply_pass(mgr, "reparam", {}, pruned, tmp)
+    pruned_fused = apply_pass(mgr, "reparam", {}, pruned, tmp).raise_if_failed().artifact
     pct = f"{args.prune_ratio:.0%}"
     label = f"pruned {pct} + fine-tuned FP32" if tuned else f"pruned {pct} (no fine-tuning) FP32"
     rows.append(fp32_row("pruned", label, pruned_fused))
@@ -329,7 +294,7 @@ def build_rows(
             f"{_pct(pm.get('mAP_before'))} before pruning, {_pct(pm.get('mAP_pruned'))} right "
             f"after the last step, {_pct(pm.get('mAP_finetuned'))} after its fine-tuning"
         )
-    _log("INT8 ...")
+    log("INT8 ...")
     fused_row, pruned_row = rows[1], rows[-1]
     rows.append(int8_row("int8", "INT8 (NNCF → OpenVINO)", fused_row, "nncf"))
     rows.append(int8_row("pruned_int8", "pruned + INT8 (NNCF → OpenVINO)", pruned_row, "nncf"))
@@ -345,8 +310,7 @@ def build_rows(
 
 
 def _export(art: ModelArtifact, mgr: PluginManager, tmp: Path) -> ModelArtifact:
-    onnx_art, _, _ = apply_pass(mgr, "export", {"opset": 17}, art, tmp)
-    return onnx_art
+    return apply_pass(mgr, "export", {"opset": 17}, art, tmp).raise_if_failed().artifact
 
 
 def _pct(value: Any) -> str:
@@ -385,7 +349,7 @@ def measure_accuracy(
         row.map_runtime = {"onnx": "ONNX Runtime", "openvino": "OpenVINO f32"}[row.deploy.format]
         m = evaluate_artifact(row.deploy, dataset, cfg, mgr)
         row.mAP, row.mAP50 = m["mAP"], m["mAP50"]
-        _log(f"  mAP {row.key}: {100 * row.mAP:.2f} ({time.perf_counter() - t0:.0f} s)")
+        log(f"  mAP {row.key}: {100 * row.mAP:.2f} ({time.perf_counter() - t0:.0f} s)")
     if not args.no_bf16:
         ov = mgr.get_adapter("openvino")
         for key in ("fused", "int8"):
@@ -439,85 +403,17 @@ def interleaved_latency(
     ``slot_seconds`` after one warm-up call; the number of calls per slot is fixed up front
     from a first estimate so every round weighs the same.
     """
-    calls: dict[tuple[str, str], int] = {}
-    for key, fn in runners.items():
-        fn()
-        fn()
-        t = time.perf_counter()
-        fn()
-        est = time.perf_counter() - t
-        calls[key] = int(min(100, max(2, math.ceil(slot_seconds / max(est, 1e-5)))))
-    samples: dict[tuple[str, str], list[float]] = {k: [] for k in runners}
-    per_round: dict[tuple[str, str], list[float]] = {k: [] for k in runners}
-    keys = list(runners)
-    for r in range(rounds):
-        order = keys[r % len(keys) :] + keys[: r % len(keys)]
-        for key in order:
-            fn = runners[key]
-            fn()
-            times = []
-            for _ in range(calls[key]):
-                t = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t) * 1e3)
-            samples[key] += times
-            per_round[key].append(statistics.median(times))
-    return {k: statistics.median(v) for k, v in samples.items()}, per_round
+    times = interleaved_timing(runners, rounds, slot_seconds=slot_seconds, warmup=2, slot_warmup=1)
+    return {k: times.median(k) for k in runners}, {k: times.per_round(k) for k in runners}
 
 
 def round_ratio(
     per_round: dict[tuple[str, str], list[float]], slow: tuple[str, str], fast: tuple[str, str]
 ) -> float | None:
-    """Median over rounds of slow/fast (both measured in the same round)."""
+    """Median over rounds of slow/fast (both measured in the same round); None if unmeasured."""
     if slow not in per_round or fast not in per_round:
         return None
-    return statistics.median(a / b for a, b in zip(per_round[slow], per_round[fast]))
-
-
-# ----------------------------------------------------------------------------- machine
-def machine() -> dict[str, Any]:
-    """CPU model, the ISA extensions that matter for INT8/bf16, cores, versions, defaults."""
-    info: dict[str, Any] = {"python": platform.python_version(), "cpus": os.cpu_count()}
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        text = ""
-    fields = dict(
-        (k.strip(), v.strip()) for k, _, v in (ln.partition(":") for ln in text.splitlines())
-    )
-    info["cpu"] = fields.get("Model name", platform.processor() or "?")
-    info["family_model"] = (
-        f"family {fields.get('CPU family', '?')} model {fields.get('Model', '?')}"
-    )
-    info["hypervisor"] = fields.get("Hypervisor vendor")
-    flags = set(fields.get("Flags", "").split())
-    wanted = (
-        "avx2",
-        "fma",
-        "avx512f",
-        "avx512bw",
-        "avx512_vnni",
-        "avx_vnni",
-        "avx512_bf16",
-        "amx_tile",
-        "amx_int8",
-        "amx_bf16",
-    )
-    info["isa"] = [f for f in wanted if f in flags]
-    info["isa_missing"] = [f for f in wanted if f not in flags]
-    versions = {}
-    for mod in ("torch", "openvino", "onnxruntime", "nncf", "neural_compressor"):
-        with contextlib.suppress(Exception):
-            versions[mod] = __import__(mod).__version__
-    info["versions"] = versions
-    with contextlib.suppress(Exception):
-        from damo_openvino.adapter import core
-
-        value = core().get_property("CPU", "INFERENCE_PRECISION_HINT")
-        info["ov_cpu_default_precision"] = str(getattr(value, "get_type_name", lambda: value)())
-    with contextlib.suppress(OSError):
-        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
-    return info
+    return _round_ratio(per_round[slow], per_round[fast])
 
 
 # ------------------------------------------------------------------------------ report
@@ -604,19 +500,13 @@ def markdown(
     has_map = not args.no_map
     bf16 = not args.no_bf16
     default_prec = info.get("ov_cpu_default_precision", "?")
-    cmd = "python benchmarks/compression_table.py " + " ".join(shlex.quote(a) for a in argv)
     orig = next(r for r in rows if r.key == "original")
     lines = [
         f"## {key}",
         "",
-        f"Command (took {seconds / 60:.1f} min): `{cmd.strip()}`",
+        f"Command (took {seconds / 60:.1f} min): `{command(__file__, argv)}`",
         "",
-        f"Machine: {info['cpu']} ({info['family_model']}, {info.get('hypervisor') or 'bare metal'} "
-        f"guest), {info['cpus']} vCPUs shared with other jobs (load average "
-        f"{info.get('load_average')} at the end); ISA: {', '.join(info['isa'])}; not present: "
-        f"{', '.join(info['isa_missing']) or 'none'}. "
-        + ", ".join(f"{k} {v}" for k, v in info["versions"].items())
-        + f". OpenVINO CPU default inference precision here: **{default_prec}**.",
+        machine_line(info, shared=False),
         "",
     ]
     head = ["variant", "params", "FLOPs", "size on disk"]
@@ -760,13 +650,8 @@ weights (latency only, the real scale). Goals set in issue 7:
 
 def write_doc(path: Path, key: str, section: str) -> None:
     """Insert or replace this section; sections with mAP first, then by name."""
-    sections: dict[str, str] = {}
-    if path.is_file():
-        for m in SECTION_RE.finditer(path.read_text()):
-            sections[m.group("key")] = m.group("body")
-    sections[key] = section
     article = "\n".join(f"| {n} | {p} | {f} | {m} | {ms} |" for n, p, f, m, ms in ARTICLE)
-    text = HEADER.format(
+    header = HEADER.format(
         article=article,
         s1=GOAL_INT8_SPEEDUP,
         d1=GOAL_INT8_DROP,
@@ -774,13 +659,13 @@ def write_doc(path: Path, key: str, section: str) -> None:
         d2=GOAL_BEST_DROP,
         z=GOAL_BEST_SMALLER,
     )
-    order = sorted(sections, key=lambda k: ("| mAP@[.5:.95] |" not in sections[k], k))
-    for k in order:
-        text += f"<!-- section: {k} -->\n{sections[k]}<!-- /section -->\n\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from damo_plugins.core.io import write_text
-
-    write_text(path, text.rstrip("\n") + "\n")
+    write_section(
+        path,
+        section,
+        key=key,
+        header=header,
+        sort=lambda k, body: ("| mAP@[.5:.95] |" not in body, k),
+    )
 
 
 # -------------------------------------------------------------------------------- main
@@ -842,9 +727,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     key = f"{rows[0].source.arch['builder']}-{size}"
     extra: dict[str, float] = {}
     if not args.no_map:
-        _log("mAP ...")
+        log("mAP ...")
         extra = measure_accuracy(rows, data, args, mgr)  # type: ignore[arg-type]
-    _log("latency (interleaved rounds) ...")
+    log("latency (interleaved rounds) ...")
     from damo_plugins.data.calibration import synthetic_images
 
     feed = synthetic_images(1, input_shape=rows[0].deploy.input_shape, seed=0)[0]

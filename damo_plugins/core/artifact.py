@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import math
 import pickle
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,9 +164,22 @@ class ModelArtifact:
         return self.meta.get("params")
 
     def flops(self) -> int | None:
-        """FLOPs of one forward pass (PyTorch models, via ``torch.utils.flop_counter``)."""
+        """FLOPs of one forward pass at batch 1 (PyTorch models, ``torch.utils.flop_counter``).
+
+        The counter needs shapes only, so it runs on a copy of the model on the meta device:
+        no arithmetic and no memory instead of a full forward pass (seconds for a 640-px
+        detector). A model that cannot run on meta (data-dependent code) is run for real.
+        """
         if self.format != "torch" or not self.inputs:
             return None
+        traced = self._shape_pass(batch=1)
+        if traced is not None:
+            return traced[1]
+        if _on_meta(self.model):
+            raise _NeedsWeights(
+                "this model's FLOPs cannot be counted without its weights",
+                "build it with weights (load_model(..., weights=True))",
+            )
         import torch
         from torch.utils.flop_counter import FlopCounterMode
 
@@ -183,23 +197,89 @@ class ModelArtifact:
         return int(counter.get_total_flops())
 
     def summary(self) -> dict[str, Any]:
+        """Format, params, FLOPs (batch 1) and input/output specs, as reports and ``info`` show."""
+        flops: int | None = None
+        counted = False
         if self.format == "torch" and self.inputs and not any(o.shape for o in self.outputs):
-            self.infer_output_specs()
+            traced = self._shape_pass() if self.input_shape[:1] == [1] else None
+            if traced is not None:  # batch 1: one meta pass gives the outputs and the FLOPs
+                self._set_outputs(traced[0])
+                flops, counted = traced[1], True
+            else:
+                self.infer_output_specs()
         return {
             "format": self.format,
             "params": self.param_count(),
-            "flops": self.flops(),
+            "flops": flops if counted else self.flops(),
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
         }
 
     def infer_output_specs(self) -> None:
-        """Fill in output shapes of a PyTorch model by running it once."""
+        """Fill in output shapes and dtypes of a PyTorch model.
+
+        From one pass on the meta device (shapes only, nothing computed); a model that cannot
+        run on meta is run once for real on :meth:`example_inputs`.
+        """
+        traced = self._shape_pass()
+        if traced is not None:
+            self._set_outputs(traced[0])
+            return
+        if _on_meta(self.model):
+            raise _NeedsWeights(
+                "this model's output shapes cannot be found without its weights",
+                "build it with weights (load_model(..., weights=True))",
+            )
         outs = self.run(self.example_inputs())
+        self._set_outputs([(list(o.shape), str(o.dtype)) for o in outs])
+
+    def _set_outputs(self, outs: Sequence[tuple[list[int], str]]) -> None:
         names = [o.name for o in self.outputs]
         if len(names) != len(outs):
             names = [f"output{i}" for i in range(len(outs))]
-        self.outputs = [TensorSpec(n, list(o.shape), str(o.dtype)) for n, o in zip(names, outs)]
+        self.outputs = [TensorSpec(n, list(shape), dtype) for n, (shape, dtype) in zip(names, outs)]
+
+    def _shape_pass(
+        self, batch: int | None = None
+    ) -> tuple[list[tuple[list[int], str]], int] | None:
+        """(output shapes and dtypes, FLOPs) of one forward pass on the meta device, or None.
+
+        Inputs are what :meth:`run` would feed :meth:`example_inputs` (same shapes, cast to
+        the parameters' dtype), so the shapes and the count are those of a real pass:
+        ``FlopCounterMode`` counts each aten op from its argument shapes, which meta tensors
+        carry exactly. The model itself is not touched: a copy whose parameters and buffers
+        are meta tensors runs (a model already on meta runs as it is). None when the model
+        cannot run on meta — data-dependent control flow, CPU-only tensors kept outside its
+        parameters and buffers — and callers then fall back to a real pass.
+        """
+        if self.format != "torch" or not self.inputs:
+            return None
+        import torch
+        from torch.utils.flop_counter import FlopCounterMode
+
+        try:
+            module = self.model if _on_meta(self.model) else _meta_copy(self.model)
+            dtype = next((p.dtype for p in module.parameters()), torch.float32)
+            shapes = []
+            for spec in self.inputs:
+                shape = spec.concrete()
+                if batch is not None and shape:
+                    shape[0] = batch
+                shapes.append(shape)
+            was_training = module.training
+            module.eval()
+            try:
+                with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                    out = module(*[torch.empty(s, dtype=dtype, device="meta") for s in shapes])
+                outs = _flatten(out)
+            finally:
+                module.train(was_training)
+        except Exception:  # any failure on meta only means: run it for real
+            return None
+        if not all(t.is_meta for t in outs):
+            return None
+        specs = [(list(t.shape), str(t.dtype).removeprefix("torch.")) for t in outs]
+        return specs, int(counter.get_total_flops())
 
     # ------------------------------------------------------------------ save
     def save(
@@ -239,32 +319,31 @@ def load_model(
     input_shape: Sequence[int] | None = None,
     model_args: Mapping[str, Any] | None = None,
     arch: str | None = None,
+    weights: bool = True,
 ) -> ModelArtifact:
     """Turn what a user names into an artifact.
 
     ``spec`` is a registered builder name (``damo-yolo-s``), a file (``.pt``/``.pth``
     checkpoint, ``.onnx``, OpenVINO ``.xml``), a ``torch.nn.Module`` or an artifact.
     ``arch`` names the builder for a checkpoint that holds weights only (such as an official
-    DAMO-YOLO ``.pth``).
+    DAMO-YOLO ``.pth``). ``weights=False`` builds a registered builder's model on the meta
+    device (see :func:`build_model`); files load as usual.
     """
     if isinstance(spec, ModelArtifact):
         return spec
     mgr = _manager(manager)
-    try:
-        import torch
-
-        if isinstance(spec, torch.nn.Module):
-            return _torch_artifact(spec, None, input_shape, {})
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
+    # a torch module can only exist if torch is imported: do not import it to find out
+    # (an .onnx or .xml model is then loaded without paying for torch)
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(spec, torch.nn.Module):
+        return _torch_artifact(spec, None, input_shape, {})
     text = str(spec)
     path = Path(text)
-    looks_like_file = (
-        path.suffix.lower() in (".pt", ".pth", ".onnx", ".xml", ".bin") or path.exists()
-    )
-    if not looks_like_file:
+    if not _looks_like_file(path):
         builder = mgr.get_model_builder(text)
-        return build_model(text, builder, input_shape=input_shape, model_args=model_args)
+        return build_model(
+            text, builder, input_shape=input_shape, model_args=model_args, weights=weights
+        )
     check_input_file(path)
     suffix = path.suffix.lower()
     if suffix in (".pt", ".pth"):
@@ -274,6 +353,8 @@ def load_model(
     elif suffix in (".xml", ".bin"):
         xml = path.with_suffix(".xml")
         check_input_file(xml)
+        if xml.with_suffix(".bin").exists():
+            check_input_file(xml.with_suffix(".bin"), "OpenVINO weights")
         art = mgr.adapter_for_format("openvino").load(xml)
     else:
         raise DamoError(
@@ -290,13 +371,27 @@ def build_model(
     *,
     input_shape: Sequence[int] | None = None,
     model_args: Mapping[str, Any] | None = None,
+    weights: bool = True,
 ) -> ModelArtifact:
+    """Call a registered builder and wrap its module with its architecture record.
+
+    ``weights=False`` builds under ``torch.device("meta")``: parameters get shapes but no
+    memory and no initialization, which is all that counting parameters, FLOPs and output
+    shapes needs (``damo-opt info``: building DAMO-YOLO-S for real costs more than describing
+    it). Such a model cannot run or be saved; :func:`describe` falls back to real weights.
+    """
     kwargs = dict(model_args or {})
     normalize = getattr(builder, "normalize_kwargs", None)
     if normalize is not None:  # e.g. a structure file -> the structure, so arch stays valid
         kwargs = normalize(kwargs)
     try:
-        module = builder(**kwargs)
+        if weights:
+            module = builder(**kwargs)
+        else:
+            import torch
+
+            with torch.device("meta"):
+                module = builder(**kwargs)
     except TypeError as exc:
         raise DamoError(f"model '{name}' does not accept these arguments: {exc}") from exc
     arch = {"builder": name, "kwargs": _plain(kwargs), "transforms": []}
@@ -331,13 +426,18 @@ def _load_checkpoint(
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        text = str(exc)
-        marker = "Unsupported global:"
-        if marker in text:
-            what = text.split(marker, 1)[1].split(" was not", 1)[0].strip()
+        # torch words its refusals several ways; decode the opcodes (never run them) to
+        # tell a pickle that wants code from a damaged file
+        from damo_plugins.core.safe_pickle import code_references
+
+        try:
+            code = code_references(path)
+        except Exception:  # undecodable: damaged, reported below
+            code = []
+        if code:
             raise DamoError(
-                f"refused to load {path}: unpickling it would run code ({what}); checkpoints "
-                "are only loaded with weights_only=True",
+                f"refused to load {path}: unpickling it would run code ({', '.join(code[:3])}); "
+                "checkpoints are only loaded with weights_only=True",
                 "save the weights as a state_dict (or with damo-opt) and load that",
             ) from exc
         raise DamoError(
@@ -482,6 +582,81 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return repr(obj)
+
+
+def describe(
+    spec: Any,
+    *,
+    manager: PluginManager | None = None,
+    input_shape: Sequence[int] | None = None,
+    model_args: Mapping[str, Any] | None = None,
+    arch: str | None = None,
+) -> dict[str, Any]:
+    """:meth:`ModelArtifact.summary` of ``load_model(spec, ...)``, without building weights.
+
+    A registered builder's model is built on the meta device and described there (no
+    initialization, no arithmetic); the numbers are those of the real model because
+    parameter counts, FLOPs and output shapes depend on shapes only. A model whose builder or
+    forward pass does not work on meta is built for real and described as before; files
+    (checkpoints, ONNX, IR) always load for real.
+    """
+    kwargs = {"manager": manager, "input_shape": input_shape, "model_args": model_args}
+    if not isinstance(spec, (str, Path)) or _looks_like_file(Path(spec)):
+        return load_model(spec, arch=arch, **kwargs).summary()
+    try:
+        return load_model(spec, arch=arch, weights=False, **kwargs).summary()
+    except _NeedsWeights:
+        pass
+    except Exception as exc:
+        # A builder that reads tensor values while building fails on meta in its own way
+        # (or wraps that failure in a DamoError); building for real then either works or
+        # raises the real error. A plain DamoError (unknown name, bad argument) is the answer.
+        if isinstance(exc, DamoError) and not _wraps_other_error(exc):
+            raise
+    return load_model(spec, arch=arch, **kwargs).summary()
+
+
+def _looks_like_file(path: Path) -> bool:
+    """Whether a model spec names a file rather than a registered builder."""
+    return path.suffix.lower() in (".pt", ".pth", ".onnx", ".xml", ".bin") or path.exists()
+
+
+def _wraps_other_error(exc: BaseException) -> bool:
+    """Whether a DamoError was raised while handling a lower-level exception."""
+    inner = exc.__cause__ or exc.__context__
+    return inner is not None and not isinstance(inner, DamoError)
+
+
+class _NeedsWeights(DamoError):
+    """A model built without weights could not be described on the meta device."""
+
+
+def _on_meta(module: Any) -> bool:
+    """Whether ``module`` has meta parameters or buffers (built with ``weights=False``)."""
+    import torch
+
+    return any(
+        t.is_meta for t in (*module.parameters(), *module.buffers()) if isinstance(t, torch.Tensor)
+    )
+
+
+def _meta_copy(module: Any) -> Any:
+    """A deep copy of ``module`` whose parameters and buffers are meta tensors.
+
+    The meta tensors are put in the ``deepcopy`` memo, so the weights are never copied (a
+    640-px DAMO-YOLO-M has 29 M of them) and the original module is left as it was.
+    """
+    import torch
+
+    memo: dict[int, Any] = {}
+    for t in (*module.parameters(), *module.buffers()):
+        if id(t) in memo:
+            continue
+        meta = torch.empty_like(t, device="meta")
+        if isinstance(t, torch.nn.Parameter):
+            meta = torch.nn.Parameter(meta, requires_grad=t.requires_grad)
+        memo[id(t)] = meta
+    return copy.deepcopy(module, memo)
 
 
 def _manager(manager: PluginManager | None) -> PluginManager:

@@ -8,11 +8,14 @@ what the model computes (fusion, export, conversion). Passes that change the num
 purpose (quantization, pruning) override ``verify`` with the metric they promise.
 
 Configuration is a pydantic model (``Config``) that rejects unknown keys, so a misspelled
-option in a recipe is an error with a location, never silently ignored.
+option in a recipe is an error with a location, never silently ignored. A step whose valid
+options depend on something else — the ``quantize`` step's on the adapter it names — overrides
+:meth:`Pass.validate_config`, which recipes call when they are validated (``--dry-run``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -31,6 +34,23 @@ class PassConfig(BaseModel):
     """Base of pass configurations: unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+class ConfigError(DamoError):
+    """A problem with one option of a step, at ``loc`` (the keys below the step's options).
+
+    Recipes prefix it with the file, line and step (``recipe.yaml:4: steps[0].quantize.preset:
+    ...``); anywhere else it reads ``preset: ...``.
+    """
+
+    def __init__(self, loc: Sequence[str | int], message: str, hint: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.loc = tuple(loc)
+
+    def __str__(self) -> str:
+        where = ".".join(str(k) for k in self.loc)
+        text = f"{where}: {self.message}" if where else self.message
+        return f"{text} ({self.hint})" if self.hint else text
 
 
 @dataclass
@@ -62,10 +82,26 @@ class Pass:
     #: saving an identical copy, and writes only the step's metrics
     measures_only: ClassVar[bool] = False
 
-    def __init__(self, config: PassConfig | dict[str, Any] | None = None) -> None:
+    def __init__(self, config: PassConfig | Mapping[str, Any] | None = None) -> None:
         if config is None:
             config = {}
-        self.config = config if isinstance(config, PassConfig) else self.Config(**config)
+        self.config = (
+            config if isinstance(config, PassConfig) else type(self).validate_config(config)
+        )
+
+    @classmethod
+    def validate_config(
+        cls, options: Mapping[str, Any], manager: PluginManager | None = None
+    ) -> PassConfig:
+        """The step's options (a recipe's mapping) as a validated ``Config``.
+
+        Called when a recipe is loaded, so everything wrong is reported before anything runs.
+        Raise pydantic's ``ValidationError`` or a :class:`ConfigError` (both located at the
+        key by the recipe loader). The default is ``Config(**options)``; override it when the
+        valid options depend on another option and the installed plugins (``manager``; the
+        process-wide one when ``None``), e.g. on the adapter a step names.
+        """
+        return cls.Config(**{str(k): v for k, v in options.items()})
 
     @classmethod
     def output_format(cls, config: PassConfig, input_format: str) -> str:

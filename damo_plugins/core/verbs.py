@@ -71,8 +71,23 @@ def model_from_args(args: argparse.Namespace) -> Any:
     )
 
 
-def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, default=str))
+def pass_from_options(pass_cls: Any, options: dict[str, Any]) -> Any:
+    """``pass_cls`` configured from a verb's options, for :func:`~damo_plugins.core.runner.run_step`.
+
+    A value the pass's ``Config`` refuses (e.g. ``--tolerance -1``) is one line naming the
+    option, as the user typed it, instead of pydantic's report.
+    """
+    from pydantic import ValidationError
+
+    try:
+        return pass_cls(options)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = "_".join(str(k) for k in err.get("loc", ()))
+        raise DamoError(
+            f"--{key.replace('_', '-')}: {err.get('msg', 'invalid value')}",
+            "see --help for the allowed values",
+        ) from None
 
 
 def print_json(obj: Any) -> None:

@@ -32,6 +32,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from damo_plugins.core.errors import DamoError
 from damo_plugins.core.io import write_text
+from damo_plugins.lib.boxes import box_iou
 
 CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "ring", "cross", "star")
 #: hue (degrees) each class leans towards
@@ -193,14 +194,6 @@ def _paint(
     return box, int(m.sum())
 
 
-def _iou(a: Sequence[float], b: Sequence[float]) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def _clutter(img: np.ndarray, rng: np.random.Generator, count: int) -> None:
     h, w = img.shape[:2]
     pil = Image.fromarray(np.uint8(np.clip(img, 0, 255)))
@@ -269,7 +262,8 @@ def render_image(
             cx = rng.uniform(-lo[0] + 1, w - hi[0] - 1)
             cy = rng.uniform(-lo[1] + 1, h - hi[1] - 1)
             box = [cx + lo[0], cy + lo[1], cx + hi[0], cy + hi[1]]
-            if any(_iou(box, o["bbox"]) > cfg.max_iou for o in objects):
+            placed = np.array([o["bbox"] for o in objects]).reshape(-1, 4)
+            if objects and box_iou(np.array([box]), placed).max() > cfg.max_iou:
                 continue
             hue = CLASS_HUES[cls] if rng.random() < cfg.class_colour_prob else None
             colour = _random_colour(rng, hue)

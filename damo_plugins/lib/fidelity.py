@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from damo_plugins.core.verify import compare_outputs
+from damo_plugins.lib.boxes import box_iou
 
 if TYPE_CHECKING:  # pragma: no cover
     from damo_plugins.core.artifact import ModelArtifact
@@ -35,19 +36,6 @@ def detector_outputs(
             if s != b and outputs[s].shape[:2] == outputs[b].shape[:2]:
                 return s, b
     return None
-
-
-def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    x1 = np.maximum(box[0], boxes[:, 0])
-    y1 = np.maximum(box[1], boxes[:, 1])
-    x2 = np.minimum(box[2], boxes[:, 2])
-    y2 = np.minimum(box[3], boxes[:, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-
-    def area(b: np.ndarray) -> np.ndarray:
-        return np.clip(b[..., 2] - b[..., 0], 0, None) * np.clip(b[..., 3] - b[..., 1], 0, None)
-
-    return inter / np.maximum(area(box) + area(boxes) - inter, 1e-9)
 
 
 def top_detection_agreement(
@@ -77,7 +65,7 @@ def top_detection_agreement(
             a, c = divmod(int(flat), n_cls)
             same = c_cls == c
             total += 1
-            if same.any() and float(_iou(rb[a], cb[c_anchor[same]]).max()) >= iou:
+            if same.any() and float(box_iou(rb[a][None], cb[c_anchor[same]]).max()) >= iou:
                 hits += 1
     return hits / total if total else 1.0
 

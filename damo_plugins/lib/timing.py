@@ -1,17 +1,34 @@
-"""Latency measurement shared by the benchmarking adapters (OpenVINO, ONNX Runtime).
+"""Latency measurement: one model (the benchmarking adapters), or several side by side.
 
-Latency is measured like OpenVINO's ``benchmark_app``: the first inference is timed on its
-own (it pays for lazy allocations and kernel selection), then warm-up runs are discarded,
-then requests run one at a time and we report median, p90, min, max and mean.
+One model is measured like OpenVINO's ``benchmark_app`` (:func:`measure_latency`): the first
+inference is timed on its own (it pays for lazy allocations and kernel selection), then
+warm-up runs are discarded, then requests run one at a time and we report median, p90, min,
+max and mean.
+
+Several models are compared in *interleaved rounds* (:func:`interleaved_timing`, or
+:func:`interleave` for any measurement that returns a number): every round runs every
+variant once, in an order that rotates from round to round, so a burst of load from another
+process hits all variants alike instead of one of them. The figures to quote are then the
+medians and, above all, ratios taken *within* a round (:func:`round_ratio`): on a shared
+machine the absolute milliseconds drift by tens of percent while the per-round ratios stay
+put. The benchmark scripts and the ``optimize`` command (a candidate against its baseline,
+on the target device) measure this way.
 """
 
 from __future__ import annotations
 
+import math
+import statistics
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, Literal, TypeVar
 
 import numpy as np
+
+K = TypeVar("K", bound=Hashable)
+T = TypeVar("T")
+Clock = Literal["wall", "cpu"]
 
 
 def summarize_ms(samples_ms: Sequence[float]) -> dict[str, float]:
@@ -79,3 +96,139 @@ def format_stats(stats: dict[str, Any]) -> str:
     )
 
 
+# ------------------------------------------------------------------- side by side
+def interleave(measures: Mapping[K, Callable[[], T]], rounds: int) -> dict[K, list[T]]:
+    """Call every measure once per round, rotating the order; ``{key: [value per round]}``.
+
+    With two variants the order alternates (ab, ba, ab, ...); with more, round ``r`` starts
+    at the ``r``-th variant. Each list is in round order, so ``out[a][r]`` and ``out[b][r]``
+    were measured next to each other.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
+    keys = list(measures)
+    out: dict[K, list[T]] = {k: [] for k in keys}
+    for r in range(rounds):
+        shift = r % len(keys) if keys else 0
+        for k in keys[shift:] + keys[:shift]:
+            out[k].append(measures[k]())
+    return out
+
+
+def round_ratio(slow: Sequence[float], fast: Sequence[float]) -> float:
+    """Median over rounds of ``slow[r] / fast[r]``: a speed-up measured side by side.
+
+    More robust than the ratio of the two medians when the load changes between rounds,
+    because each ratio compares two measurements taken under the same load.
+    """
+    if len(slow) != len(fast) or not slow:
+        raise ValueError("round_ratio needs two non-empty series of the same rounds")
+    return statistics.median(a / b for a, b in zip(slow, fast))
+
+
+@dataclass
+class Interleaved(Generic[K]):
+    """Times of several variants measured in the same rounds.
+
+    ``wall[k][r]`` and ``cpu[k][r]`` are the milliseconds of each timed call of variant ``k``
+    in round ``r``: elapsed time, and CPU time of this process. With one thread, CPU time is
+    the work done without the time spent waiting for a core, which is what dominates
+    elapsed time on an oversubscribed machine.
+    """
+
+    wall: dict[K, list[list[float]]]
+    cpu: dict[K, list[list[float]]]
+
+    @property
+    def keys(self) -> list[K]:
+        return list(self.wall)
+
+    def _clock(self, clock: Clock) -> dict[K, list[list[float]]]:
+        if clock not in ("wall", "cpu"):
+            raise ValueError(f"clock must be 'wall' or 'cpu', not {clock!r}")
+        return self.wall if clock == "wall" else self.cpu
+
+    def samples(self, key: K, clock: Clock = "wall") -> list[float]:
+        """Every timed call of ``key``, in ms."""
+        return [t for rnd in self._clock(clock)[key] for t in rnd]
+
+    def median(self, key: K, clock: Clock = "wall") -> float:
+        """Median of all of ``key``'s timed calls, in ms."""
+        return statistics.median(self.samples(key, clock))
+
+    def per_round(self, key: K, clock: Clock = "wall") -> list[float]:
+        """Median of each round's calls of ``key``, in ms (one value per round)."""
+        return [statistics.median(rnd) for rnd in self._clock(clock)[key]]
+
+    def ratio(self, slow: K, fast: K, clock: Clock = "wall") -> float:
+        """Speed-up of ``fast`` over ``slow``: median of the per-round ratios."""
+        return round_ratio(self.per_round(slow, clock), self.per_round(fast, clock))
+
+    def ratio_of_medians(self, slow: K, fast: K, clock: Clock = "wall") -> float:
+        return self.median(slow, clock) / self.median(fast, clock)
+
+    def summary(self, base: K, clock: Clock = "wall") -> dict[K, dict[str, float]]:
+        """Per variant: median ms and the speed-up against ``base`` (both ways of taking it)."""
+        return {
+            k: {
+                "median_ms": self.median(k, clock),
+                "speedup": self.ratio(base, k, clock),
+                "speedup_of_medians": self.ratio_of_medians(base, k, clock),
+            }
+            for k in self.keys
+        }
+
+
+def interleaved_timing(
+    fns: Mapping[K, Callable[[], Any]],
+    rounds: int,
+    *,
+    calls: int = 1,
+    slot_seconds: float | None = None,
+    warmup: int = 1,
+    slot_warmup: int = 0,
+    max_calls: int = 100,
+) -> Interleaved[K]:
+    """Time every ``fn`` in interleaved rounds (see :func:`interleave`).
+
+    Before the first round each variant runs ``warmup`` discarded calls (interleaved too).
+    In a round, each variant in turn runs ``slot_warmup`` discarded calls (caches go cold
+    when another variant ran in between), then ``calls`` timed calls. With ``slot_seconds``
+    the number of timed calls is instead fixed up front, per variant, to fill about that
+    long (from one timed call after the warm-up; between 2 and ``max_calls``), so that
+    every round weighs the same and a slow variant does not take over the run.
+    """
+    if calls < 1:
+        raise ValueError(f"calls must be at least 1, got {calls}")
+    for _ in range(max(0, warmup)):
+        for fn in fns.values():
+            fn()
+    n_calls = dict.fromkeys(fns, calls)
+    if slot_seconds is not None:
+        for key, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            est = time.perf_counter() - t
+            n_calls[key] = int(min(max_calls, max(2, math.ceil(slot_seconds / max(est, 1e-5)))))
+
+    def slot(key: K) -> Callable[[], tuple[list[float], list[float]]]:
+        fn = fns[key]
+
+        def run() -> tuple[list[float], list[float]]:
+            for _ in range(slot_warmup):
+                fn()
+            wall, cpu = [], []
+            for _ in range(n_calls[key]):
+                c0, t0 = time.process_time(), time.perf_counter()
+                fn()
+                wall.append((time.perf_counter() - t0) * 1e3)
+                cpu.append((time.process_time() - c0) * 1e3)
+            return wall, cpu
+
+        return run
+
+    measured = interleave({k: slot(k) for k in fns}, rounds)
+    return Interleaved(
+        wall={k: [w for w, _ in v] for k, v in measured.items()},
+        cpu={k: [c for _, c in v] for k, v in measured.items()},
+    )

@@ -8,23 +8,25 @@ structure file) and the other options of :func:`~damo_plugins.models.damo_yolo.b
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 from damo_plugins.core.hookspecs import hookimpl
+from damo_plugins.core.lazy import lazy
+
+
+def _zoo() -> ModuleType:
+    from damo_plugins.models import damo_yolo
+
+    return damo_yolo
 
 
 @hookimpl
 def damo_models() -> dict[str, Callable[..., Any]]:
-    from damo_plugins.models.damo_yolo import (
-        build_damo_yolo,
-        build_damo_yolo_m,
-        build_damo_yolo_s,
-        build_damo_yolo_t,
-    )
-
+    # lazy: every damo-opt command collects the builders, only a build needs torch
     return {
-        "damo-yolo": build_damo_yolo,
-        "damo-yolo-t": build_damo_yolo_t,
-        "damo-yolo-s": build_damo_yolo_s,
-        "damo-yolo-m": build_damo_yolo_m,
+        "damo-yolo": lazy(_zoo, "build_damo_yolo"),
+        "damo-yolo-t": lazy(_zoo, "build_damo_yolo_t"),
+        "damo-yolo-s": lazy(_zoo, "build_damo_yolo_s"),
+        "damo-yolo-m": lazy(_zoo, "build_damo_yolo_m"),
     }

@@ -6,7 +6,6 @@ import copy
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from pydantic import Field
 
 from damo_plugins.core.artifact import ModelArtifact
@@ -14,7 +13,6 @@ from damo_plugins.core.errors import DamoError
 from damo_plugins.core.hookspecs import hookimpl
 from damo_plugins.core.passes import Pass, PassConfig, PassContext
 from damo_plugins.core.verify import Verification
-from damo_plugins.train.distill import distill
 
 
 class DistillConfig(PassConfig):
@@ -46,6 +44,7 @@ class DistillPass(Pass):
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
         from damo_plugins.core.artifact import load_model
         from damo_plugins.data.evaluate import evaluate
+        from damo_plugins.train.distill import distill
         from damo_plugins.train.loop import TrainConfig, fit
         from damo_plugins.train.trainer import data_splits
 
@@ -98,6 +97,8 @@ class DistillPass(Pass):
 
     def verify(self, before: ModelArtifact, after: ModelArtifact, ctx: PassContext) -> Verification:
         """Training changes the numbers: check the student keeps its interface and is finite."""
+        import torch
+
         feeds = before.example_inputs(seed=ctx.seed)
         ref, out = before.run(feeds, ctx.manager), after.run(feeds, ctx.manager)
         ok = [r.shape for r in ref] == [o.shape for o in out] and all(

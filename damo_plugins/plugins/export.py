@@ -67,28 +67,34 @@ def damo_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from damo_plugins.core.artifact import onnx_artifact
+    """``damo-opt export MODEL -o FILE``: the ``export`` step through the step runner (export,
+    then parity in ONNX Runtime), written to FILE only when it passed."""
     from damo_plugins.core.io import atomic_path
-    from damo_plugins.core.verify import parity
-    from damo_plugins.lib.onnx_export import export_onnx
+    from damo_plugins.core.manager import get_manager
+    from damo_plugins.core.runner import run_step
+    from damo_plugins.core.verbs import pass_from_options
 
+    options = {"opset": args.opset, "dynamic_batch": args.dynamic_batch}
+    step = pass_from_options(
+        ExportPass, {**options, "exporter": args.exporter, "tolerance": args.tolerance}
+    )
     art = model_from_args(args)
     if art.format != "torch":
         raise DamoError(f"export takes a PyTorch model, not {art.format}")
     out = Path(args.output or f"{Path(str(args.model)).stem}.onnx")
     refuse_overwrite(out, args, art)
     log(f"exporting to ONNX (opset {args.opset}) ...")
-    proto = export_onnx(
-        art, opset=args.opset, dynamic_batch=args.dynamic_batch, exporter=args.exporter
-    )
-    feeds = art.example_inputs()
-    ver = parity(art.run(feeds), onnx_artifact(proto).run(feeds), args.tolerance)
-    log(f"ONNX Runtime vs PyTorch: {ver.message}")
-    if not ver.passed:
+    # the pass writes nothing: the folder is only where a pass may keep scratch files
+    ctx = PassContext(manager=get_manager(), workdir=out.parent, log=log)
+    res = run_step(step, art, ctx)
+    assert res.verification is not None  # ctx.verify is true
+    log(f"ONNX Runtime vs PyTorch: {res.verification.message}")
+    if not res.passed:
         raise DamoError(
-            f"exported model does not match PyTorch: {ver.message}", "nothing was written"
+            f"exported model does not match PyTorch: {res.verification.message}",
+            "nothing was written",
         )
     with atomic_path(out) as tmp:
-        tmp.write_bytes(proto.SerializeToString())
+        tmp.write_bytes(res.artifact.model.SerializeToString())
     print(out)
     return 0

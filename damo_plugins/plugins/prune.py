@@ -36,27 +36,18 @@ from __future__ import annotations
 import copy
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import Field
-from torch import nn
 
 from damo_plugins.core.artifact import ModelArtifact
 from damo_plugins.core.errors import DamoError
 from damo_plugins.core.hookspecs import hookimpl
 from damo_plugins.core.passes import Pass, PassConfig, PassContext
 from damo_plugins.core.verify import Verification
-from damo_plugins.train.prune import (
-    accumulate_gradients,
-    apply_shapes,
-    build_pruner,
-    channel_count,
-    default_ignored,
-    resolve_importance,
-    shape_record,
-    sync_size_attrs,
-)
+
+if TYPE_CHECKING:  # torch and torch-pruning load only when a prune step runs
+    from torch import nn
 
 
 class PruneConfig(PassConfig):
@@ -94,6 +85,18 @@ class PrunePass(Pass):
     )
 
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
+        import torch
+
+        from damo_plugins.train.prune import (
+            accumulate_gradients,
+            build_pruner,
+            channel_count,
+            default_ignored,
+            resolve_importance,
+            shape_record,
+            sync_size_attrs,
+        )
+
         cfg: PruneConfig = self.config  # type: ignore[assignment]
         if not artifact.inputs:
             raise DamoError(
@@ -162,6 +165,8 @@ class PrunePass(Pass):
     def verify(self, before: ModelArtifact, after: ModelArtifact, ctx: PassContext) -> Verification:
         """Pruning changes the numbers on purpose: check the pruned model runs, keeps its
         output shapes, and lost about ``ratio`` of its prunable channels."""
+        import torch
+
         cfg: PruneConfig = self.config  # type: ignore[assignment]
         feeds = before.example_inputs(seed=ctx.seed)
         ref = before.run(feeds, ctx.manager)
@@ -180,6 +185,8 @@ class PrunePass(Pass):
 
     @classmethod
     def replay(cls, module: Any, record: dict[str, Any]) -> Any:
+        from damo_plugins.train.prune import apply_shapes, sync_size_attrs
+
         model = apply_shapes(module, record.get("changes") or {})
         sync_size_attrs(model)
         return model

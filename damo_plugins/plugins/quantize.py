@@ -5,17 +5,25 @@ quantizer; this plugin validates the step, prepares the data (calibration, accur
 and held-out sets), keeps the detector decode in floating point (:mod:`damo_plugins.lib.decode`)
 and verifies the result (:mod:`damo_plugins.lib.fidelity`; COCO mAP with labelled data,
 :mod:`damo_plugins.data.validation`). It also provides ``damo-opt quantize``.
+
+Options: :class:`QuantizeConfig` holds what every quantizer takes; the rest of the step's keys
+are the chosen adapter's own (``Adapter.options["quantize"]``, e.g. NNCF's ``preset``),
+checked against its schema when the recipe is validated — the recipe stays flat
+(``quantize: {adapter: nncf, preset: mixed}``) and ``preset`` given to ONNX Runtime is an
+error naming the adapter it belongs to.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from damo_plugins.core.adapter import adapter_options
 from damo_plugins.core.errors import DamoError
 from damo_plugins.core.hookspecs import hookimpl
 from damo_plugins.core.passes import Pass, PassConfig, PassContext
@@ -25,6 +33,7 @@ from damo_plugins.lib.fidelity import as_feeds, compare_int8, detector_outputs, 
 
 if TYPE_CHECKING:  # pragma: no cover
     from damo_plugins.core.artifact import ModelArtifact
+    from damo_plugins.core.manager import PluginManager
 
 #: default target format per adapter (where its INT8 model runs fastest here)
 DEFAULT_TARGET = {"nncf": "openvino", "inc": "openvino", "onnxruntime": "onnx"}
@@ -42,6 +51,15 @@ class IgnoredScope(BaseModel):
 
 
 class QuantizeConfig(PassConfig):
+    """What every quantizer takes; the adapter's own options are the extra keys.
+
+    Extra keys are allowed here only because :meth:`QuantizePass.validate_config` checks them
+    against the adapter's schema (and fills its defaults); ``run`` checks them again, so a
+    config built by hand cannot smuggle an option past the adapter either.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
     adapter: str = Field("nncf", description="nncf | inc | onnxruntime (or a third-party adapter)")
     target: Literal["openvino", "onnx"] | None = Field(
         None, description="output format (default per adapter)"
@@ -52,15 +70,6 @@ class QuantizeConfig(PassConfig):
     subset_size: int = Field(300, ge=1, description="calibration samples to use")
     mode: Literal["int8", "weights"] = Field(
         "int8", description="int8: weights+activations; weights: weight-only (NNCF)"
-    )
-    preset: Literal["performance", "mixed"] = "performance"
-    fast_bias_correction: bool = True
-    target_device: Literal["ANY", "CPU", "GPU", "NPU", "CPU_SPR"] = Field(
-        "ANY", description="NNCF target device"
-    )
-    per_channel: bool = Field(True, description="per-channel weight scales (ONNX Runtime)")
-    calibrate_method: Literal["minmax", "entropy", "percentile"] = Field(
-        "minmax", description="ONNX Runtime"
     )
     keep_head_fp: bool = Field(
         True, description="keep the detector decode sub-graph in floating point"
@@ -79,11 +88,6 @@ class QuantizeConfig(PassConfig):
         "agreement with FP32",
     )
     val_size: int = Field(16, ge=1, description="validation samples for accuracy control")
-    torch_backend: bool = Field(
-        False,
-        description="NNCF: quantize the nn.Module on NNCF's torch path (builds a C++ "
-        "extension on first use), then convert to OpenVINO",
-    )
     holdout: int = Field(8, ge=1, description="held-out samples compared INT8 vs FP32")
     min_cosine: float = Field(
         0.97, ge=0, le=1, description="verify: lowest output cosine similarity"
@@ -107,53 +111,81 @@ class QuantizePass(Pass):
         cfg: QuantizeConfig = config  # type: ignore[assignment]
         return cfg.target or DEFAULT_TARGET.get(cfg.adapter, input_format)
 
-    def _data(self, artifact: ModelArtifact, ctx: PassContext) -> tuple[Any, Any, str]:
-        """Calibration subset, held-out set and a description of where the held-out came from."""
+    @classmethod
+    def validate_config(
+        cls, options: Mapping[str, Any], manager: PluginManager | None = None
+    ) -> QuantizeConfig:
+        """Generic keys by :class:`QuantizeConfig`, the others by the adapter's schema.
+
+        The adapter's defaults are filled in, so the report records every option it ran with.
+        """
+        fields = QuantizeConfig.model_fields
+        generic = {str(k): v for k, v in options.items() if str(k) in fields}
+        own = {str(k): v for k, v in options.items() if str(k) not in fields}
+        cfg = QuantizeConfig(**generic)
+        _, opts = adapter_options(manager, cfg.adapter, "quantize", own, also=list(fields))
+        return QuantizeConfig(**generic, **opts.model_dump())
+
+    def _held_out(
+        self, artifact: ModelArtifact, ctx: PassContext, calib: Any = None
+    ) -> tuple[Any, str]:
+        """The held-out set INT8 is compared on, and a description of where it came from.
+
+        A pure function of the configuration, the input model and ``ctx.seed``: ``run`` (for
+        accuracy control) and ``verify`` each call it and get the same samples, so the pass
+        keeps no state between them. Labelled data of a model that is not a detector comes
+        back as its plain images (see :meth:`_check_labelled`).
+        """
         from damo_plugins.data.calibration import generated_images, resolve_calibration
 
         cfg: QuantizeConfig = self.config  # type: ignore[assignment]
         shape = artifact.inputs[0].concrete() if artifact.inputs else None
-        calib = resolve_calibration(cfg.calibration, shape, ctx.manager, seed=ctx.seed)
-        used = calib.subset(0, cfg.subset_size)
         labelled = (
             labelled_validation(cfg.val, shape, cfg.val_size) if cfg.val is not None else None
         )
         if labelled is not None:
-            held = labelled
             origin = f"labelled validation data {labelled.source}"
-        elif cfg.val is not None:
+            return self._check_labelled(labelled, artifact, ctx), origin
+        if cfg.val is not None:
             held = resolve_calibration(cfg.val, shape, ctx.manager, seed=ctx.seed + 1)
-            origin = "validation data"
-        elif len(calib) > len(used):
-            held = calib.subset(len(used), len(used) + cfg.holdout)
-            origin = "calibration samples not used for calibration"
-        else:
-            held = generated_images(cfg.holdout, input_shape=shape, seed=ctx.seed + 10_000)
-            origin = "generated images (the calibration set had no spare samples)"
-        return used, held, origin
+            return held, "validation data"
+        if calib is None:
+            calib = resolve_calibration(cfg.calibration, shape, ctx.manager, seed=ctx.seed)
+        used = min(len(calib), cfg.subset_size)
+        if len(calib) > used:
+            held = calib.subset(used, used + cfg.holdout)
+            return held, "calibration samples not used for calibration"
+        held = generated_images(cfg.holdout, input_shape=shape, seed=ctx.seed + 10_000)
+        return held, "generated images (the calibration set had no spare samples)"
 
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
+        from damo_plugins.data.calibration import resolve_calibration
+
         cfg: QuantizeConfig = self.config  # type: ignore[assignment]
         if not artifact.inputs:
             raise DamoError(
                 "cannot quantize: the model's input shape is unknown",
                 "give input_shape / --input-shape",
             )
-        adapter = ctx.manager.get_adapter(cfg.adapter)
-        calib, held, origin = self._data(artifact, ctx)
+        # Checked again here: a QuantizeConfig built by hand has not been through validate_config.
+        adapter, opts = adapter_options(
+            ctx.manager,
+            cfg.adapter,
+            "quantize",
+            cfg.model_extra or {},
+            also=list(QuantizeConfig.model_fields),
+        )
+        shape = artifact.inputs[0].concrete()
+        full = resolve_calibration(cfg.calibration, shape, ctx.manager, seed=ctx.seed)
+        calib = full.subset(0, cfg.subset_size)
         if calib.name.startswith("generated"):
             ctx.log(
                 "  note: calibrating on generated images — fine for a smoke run, not for deployment"
             )
-        options = cfg.model_dump(
-            exclude={"adapter", "calibration", "val", "holdout", "min_cosine", "min_agreement"}
-        )
-        options["target"] = self.output_format(cfg, artifact.format)
-        options["ignored_scope"] = cfg.ignored_scope.model_dump() if cfg.ignored_scope else None
-        if isinstance(held, LabelledDetections):
-            held = self._check_labelled(held, artifact, ctx)
+        target = self.output_format(cfg, artifact.format)
         validation = None
         if cfg.max_drop is not None:
+            held, _ = self._held_out(artifact, ctx, full)
             if isinstance(held, LabelledDetections):
                 validation = held
                 ctx.log(
@@ -164,13 +196,21 @@ class QuantizePass(Pass):
                 ctx.log(
                     f"  accuracy control: agreement with FP32 (no labels), max drop {cfg.max_drop}"
                 )
-        ctx.log(
-            f"  quantizing with {cfg.adapter} -> {options['target']} on {len(calib)} calibration samples"
+        ctx.log(f"  quantizing with {cfg.adapter} -> {target} on {len(calib)} calibration samples")
+        out = adapter.quantize(
+            artifact,
+            calib,
+            target=target,
+            mode=cfg.mode,
+            subset_size=cfg.subset_size,
+            keep_head_fp=cfg.keep_head_fp,
+            ignored_scope=cfg.ignored_scope.model_dump() if cfg.ignored_scope else None,
+            max_drop=cfg.max_drop,
+            validation=validation,
+            seed=ctx.seed,
+            **opts.model_dump(),
         )
-        out = adapter.quantize(artifact, calib, validation=validation, seed=ctx.seed, **options)
         ctx.extra["quantization"] = dict(out.meta.get("quantization", {}))
-        self._held = held
-        self._origin = origin
         return out
 
     @staticmethod
@@ -190,10 +230,7 @@ class QuantizePass(Pass):
 
     def verify(self, before: ModelArtifact, after: ModelArtifact, ctx: PassContext) -> Verification:
         cfg: QuantizeConfig = self.config  # type: ignore[assignment]
-        held = getattr(self, "_held", None)
-        origin = getattr(self, "_origin", "")
-        if held is None:
-            _, held, origin = self._data(before, ctx)
+        held, origin = self._held_out(before, ctx)
         run_ref, run_q = runner(before, ctx.manager), runner(after, ctx.manager)
         refs, outs = [], []
         for item in held:
@@ -233,6 +270,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from damo_plugins.core.manager import get_manager
     from damo_plugins.core.pipeline import run
     from damo_plugins.core.verbs import log as _log
+    from damo_plugins.core.verbs import parse_model_args
 
     step: dict[str, Any] = {
         "adapter": args.adapter,
@@ -257,18 +295,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     model: str = args.model
     if Path(model).exists():
         model = str(Path(model).resolve())
-    kwargs: dict[str, Any] = {}
-    for item in args.model_arg:
-        key, _, value = item.partition("=")
-        if not _:
-            raise DamoError(f"--model-arg '{item}' is not KEY=VALUE")
-        import json
-
-        try:
-            kwargs[key] = json.loads(value)
-        except ValueError:
-            kwargs[key] = value
-    recipe: dict[str, Any] = {"model": model, "steps": [{"quantize": step}], "model_args": kwargs}
+    recipe: dict[str, Any] = {
+        "model": model,
+        "steps": [{"quantize": step}],
+        "model_args": parse_model_args(args.model_arg),
+    }
     if args.input_shape:
         recipe["input_shape"] = args.input_shape
     if args.arch:

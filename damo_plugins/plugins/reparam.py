@@ -17,7 +17,6 @@ from damo_plugins.core.artifact import ModelArtifact
 from damo_plugins.core.errors import DamoError
 from damo_plugins.core.hookspecs import hookimpl
 from damo_plugins.core.passes import Pass, PassConfig, PassContext
-from damo_plugins.lib.reparam import reparameterize
 
 
 # ============================================================================= pass
@@ -40,6 +39,9 @@ class ReparamPass(Pass):
     description = "RepConv/RepVGG branch fusion and Conv+BN folding (module and torch.fx level)"
 
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
+        # lib.reparam imports torch (and torch.fx): loaded only when a step runs
+        from damo_plugins.lib.reparam import reparameterize
+
         cfg: ReparamConfig = self.config  # type: ignore[assignment]
         fused, rep = reparameterize(artifact.model, cfg.mode, cfg.fold_bn)
         out = artifact.derive(model=fused)
@@ -59,6 +61,8 @@ class ReparamPass(Pass):
 
     @classmethod
     def replay(cls, module: Any, record: dict[str, Any]) -> Any:
+        from damo_plugins.lib.reparam import reparameterize
+
         mode = record.get("mode", "auto")
         fused, _ = reparameterize(
             module, str(mode), bool(record.get("fold_bn", True)), inplace=True
@@ -91,13 +95,19 @@ def damo_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_fuse(args: argparse.Namespace) -> int:
-    """``damo-opt fuse MODEL -o OUT``: fuse, check outputs, write ``OUT/model.pt``."""
-    import sys
+    """``damo-opt fuse MODEL -o OUT``: fuse, check outputs, write ``OUT/model.pt``.
+
+    The step is applied by the step runner, as a recipe's ``reparam`` step is, so the verb
+    and the recipe cannot drift apart.
+    """
     from pathlib import Path
 
     from damo_plugins.core.manager import get_manager
-    from damo_plugins.core.verbs import model_from_args
+    from damo_plugins.core.runner import run_step
+    from damo_plugins.core.verbs import log, model_from_args, pass_from_options
 
+    options = {"mode": args.mode, "fold_bn": not args.no_fold_bn, "tolerance": args.tolerance}
+    step = pass_from_options(ReparamPass, options)
     out = Path(args.output)
     folder, stem = (out.parent, out.stem) if out.suffix in (".pt", ".pth") else (out, "model")
     target = folder / f"{stem}.pt"
@@ -111,21 +121,17 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     if art.path is not None and Path(art.path).resolve() == target.resolve():
         raise DamoError(f"refusing to overwrite the input model {target}", "choose another -o")
 
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
     mgr = get_manager()
-    step = ReparamPass(
-        {"mode": args.mode, "fold_bn": not args.no_fold_bn, "tolerance": args.tolerance}
-    )
-    ctx = PassContext(manager=mgr, workdir=folder, log=log)
-    fused = step.run(art, ctx)
-    if art.inputs:
-        ver = step.verify(art, fused, ctx)
-        log(f"fused vs original: {ver.message}")
-        if not ver.passed:
+    # without an input shape there is nothing to run the check on: fuse, and say so
+    ctx = PassContext(manager=mgr, workdir=folder, log=log, verify=bool(art.inputs))
+    res = run_step(step, art, ctx)
+    fused = res.artifact
+    if res.verification is not None:
+        log(f"fused vs original: {res.verification.message}")
+        if not res.passed:
             raise DamoError(
-                f"fused model does not match the original: {ver.message}", "nothing was written"
+                f"fused model does not match the original: {res.verification.message}",
+                "nothing was written",
             )
     else:
         log("input shape unknown: outputs not compared (give --input-shape to check them)")

@@ -7,11 +7,16 @@ from typing import Any
 
 from damo_plugins.core.errors import DamoError
 from damo_plugins.core.hookspecs import hookimpl
-from damo_plugins.train.trainer import DEFAULT_MODEL, train
+
+#: shown in ``--help`` only; the value used is :data:`damo_plugins.train.trainer.DEFAULT_MODEL`,
+#: read when the verb runs (importing ``damo_plugins.train`` at load would import torch, and
+#: every ``damo-opt`` command loads this module)
+_DEFAULT_MODEL_HELP = "damo-yolo-t, width 0.25"
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from damo_plugins.core.verbs import parse_model_args
+    from damo_plugins.train.trainer import DEFAULT_MODEL, train
 
     model_args = parse_model_args(args.model_arg)
     if args.threads:
@@ -23,7 +28,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     res = train(
         args.data,
         output=args.output,
-        model=args.model,
+        model=args.model or DEFAULT_MODEL,
         model_args=model_args or None,
         generate=args.generate,
         generate_counts=(args.train_images, args.val_images),
@@ -55,14 +60,15 @@ def damo_cli(subparsers: Any) -> None:
     p.add_argument("--train-images", type=int, default=3000, help="generated training images")
     p.add_argument("--val-images", type=int, default=300, help="generated validation images")
     p.add_argument(
-        "--model", default=DEFAULT_MODEL, help="a registered builder or a .pt checkpoint"
+        "--model",
+        help=f"a registered builder or a .pt checkpoint (default: {_DEFAULT_MODEL_HELP})",
     )
     p.add_argument(
         "--model-arg",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help=f"builder argument (default for {DEFAULT_MODEL}: width=0.25)",
+        help="builder argument (the default model gets width=0.25)",
     )
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch", type=int, default=16)

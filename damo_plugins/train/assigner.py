@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from damo_plugins.data.evaluate import box_iou
+from damo_plugins.lib.boxes import box_iou
 
 
 @dataclass

@@ -35,10 +35,25 @@ class TrainResult:
 
 
 def data_splits(data: str | Path, img_size: int, seed: int = 0) -> tuple[Any, Any]:
-    """(augmenting train set, plain val set) of a data folder in our layout."""
+    """(augmenting train set, plain val set) of any ``--data`` with train and val splits.
+
+    Our layout is read directly; any other (a COCO folder, a dataset YAML, ``synthetic``)
+    through :func:`damo_plugins.data.sources.resolve`, so training, pruning and ``optimize``
+    accept the same data.
+    """
     from damo_plugins.data.coco import CocoDetection
 
     root = Path(data)
+    if not (root / "train.json").is_file():
+        from damo_plugins.data.sources import resolve
+
+        src = resolve(str(data), seed=seed)
+        if src.train is None or src.val is None:
+            raise DamoError(f"{data} has no train and val splits", "training needs both (labelled)")
+        train = CocoDetection(
+            src.train.images, src.train.annotations, img_size, augment=True, seed=seed
+        )
+        return train, CocoDetection(src.val.images, src.val.annotations, img_size, augment=False)
     for split in ("train", "val"):
         if not (root / f"{split}.json").is_file() or not (root / split).is_dir():
             raise DamoError(

@@ -97,6 +97,14 @@ def test_zero_baseline_is_a_clear_error(inc_adapter, fp32, calib) -> None:
         inc_adapter.quantize(fp32, calib, subset_size=1, max_drop=0.01, validation_fn=lambda m: 0.0)
 
 
+def test_tuning_options_without_max_drop_are_an_error(inc_adapter, fp32, calib) -> None:
+    """``configs``/``max_trials`` only shape autotune: without ``max_drop`` they would be ignored."""
+    with pytest.raises(DamoError, match=r"configs and max_trials .* need max_drop"):
+        inc_adapter.quantize(fp32, calib, configs=[{"act_algo": "kl"}])
+    with pytest.raises(DamoError, match="need max_drop"):
+        inc_adapter.quantize(fp32, calib, max_trials=3)
+
+
 def test_onnx_and_ir_inputs_point_elsewhere(inc_adapter, calib) -> None:
     onnx_art = toy_onnx(SIZE)
     with pytest.raises(

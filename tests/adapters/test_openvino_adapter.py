@@ -63,6 +63,26 @@ def test_compile_with_hint_and_cached_run(ov_adapter, toy_ov) -> None:
         ov_adapter.compile(toy_ov, "CPU", hint="fastest")
 
 
+def test_compile_options_reach_the_compiled_model(ov_adapter, toy_ov) -> None:
+    """Raw OpenVINO ``properties`` pass through; the named options win over them."""
+    c = ov_adapter.compile(toy_ov, "CPU", threads=1, properties={"NUM_STREAMS": 1})
+    assert int(c.get_property("INFERENCE_NUM_THREADS")) == 1
+    assert int(c.get_property("NUM_STREAMS")) == 1
+    assert c.get_property("INFERENCE_PRECISION_HINT").get_type_name() == "f32"
+    c = ov_adapter.compile(
+        toy_ov, "CPU", precision="f32", properties={"INFERENCE_PRECISION_HINT": "bf16"}
+    )
+    assert c.get_property("INFERENCE_PRECISION_HINT").get_type_name() == "f32"
+    # 'default' (a recipe's spelling of None) leaves the device's own precision
+    from damo_plugins.lib.openvino_graph import ov_core
+
+    own = ov_core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
+    c = ov_adapter.compile(toy_ov, "CPU", precision="default")
+    assert c.get_property("INFERENCE_PRECISION_HINT").get_type_name() == own
+    with pytest.raises(TypeError, match="unexpected keyword argument 'INFERENCE_PRECISION_HINT'"):
+        ov_adapter.compile(toy_ov, "CPU", INFERENCE_PRECISION_HINT="f32")  # no catch-all
+
+
 def test_benchmark_latency_and_throughput(ov_adapter, toy_ov) -> None:
     lat = ov_adapter.benchmark(toy_ov, "CPU", hint="latency", iterations=8, warmup=1)
     assert lat["count"] == 8 and lat["requests"] == 1

@@ -104,6 +104,12 @@ def test_providers_and_clear_errors(ort_adapter, fp32, calib) -> None:
         ort_adapter.compile(fp32, providers=["TensorrtExecutionProvider"])
     with pytest.raises(UnsupportedError, match="no accuracy-controlled"):
         ort_adapter.quantize(fp32, calib, max_drop=0.01)
+    with pytest.raises(UnsupportedError, match="no accuracy-controlled"):
+        ort_adapter.quantize(fp32, calib, validation_fn=lambda *_: 1.0)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'preset'"):
+        ort_adapter.quantize(fp32, calib, preset="mixed")  # NNCF's: never silently dropped
+    with pytest.raises(TypeError, match="unexpected keyword argument 'precision'"):
+        ort_adapter.benchmark(fp32, precision="f32")  # OpenVINO's
     with pytest.raises(UnsupportedError, match="produces ONNX"):
         ort_adapter.quantize(fp32, calib, target="openvino")
     with pytest.raises(DamoError, match="unknown calibration method"):

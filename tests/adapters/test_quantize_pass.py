@@ -8,10 +8,13 @@ from pathlib import Path
 import pytest
 
 from damo_plugins.cli import main
+from damo_plugins.core.artifact import load_model
 from damo_plugins.core.manager import get_manager
+from damo_plugins.core.passes import PassContext
 from damo_plugins.core.pipeline import run
 from damo_plugins.core.recipe import check_chain, load_recipe
 from damo_plugins.lib.decode import onnx_decode_nodes
+from damo_plugins.plugins.benchmark import BenchmarkPass
 from damo_plugins.plugins.quantize import QuantizeConfig, QuantizePass
 from tests.adapters.adapter_toys import toy_onnx
 
@@ -29,6 +32,32 @@ def test_output_format_follows_adapter_and_target() -> None:
     assert fmt(QuantizeConfig(adapter="nncf"), "onnx") == "openvino"
     assert fmt(QuantizeConfig(adapter="nncf", target="onnx"), "torch") == "onnx"
     assert fmt(QuantizeConfig(adapter="inc"), "torch") == "openvino"
+
+
+def test_passes_keep_no_state_between_run_and_verify(toy_file: Path, tmp_path: Path) -> None:
+    """``verify`` needs only the artifacts and ``ctx``: a fresh instance checks the same way."""
+    mgr = get_manager()
+    art = load_model(str(toy_file), manager=mgr)
+    ctx = PassContext(manager=mgr, workdir=tmp_path, log=lambda _: None)
+    config = {
+        "adapter": "onnxruntime",
+        "calibration": {"generated": 6},
+        "subset_size": 4,
+        "holdout": 2,
+    }
+    quantize = QuantizePass(config)
+    after = quantize.run(art, ctx)
+    assert set(vars(quantize)) == {"config"}
+    mine, fresh = quantize.verify(art, after, ctx), QuantizePass(config).verify(art, after, ctx)
+    assert mine.passed and mine.metrics == fresh.metrics
+    assert mine.metrics["samples"] == 2  # the 2 calibration samples left after the first 4
+    assert mine.metrics["held_out"].startswith("calibration samples not used")
+
+    bench = BenchmarkPass({"adapter": "onnxruntime", "iterations": 3, "warmup": 0})
+    bench.run(after, ctx)
+    assert set(vars(bench)) == {"config"}
+    ver = BenchmarkPass(bench.config).verify(after, after, ctx)
+    assert ver.passed and ver.metrics["count"] == 3 and ver.metrics["adapter"] == "onnxruntime"
 
 
 def test_quantize_command_writes_model_and_int8_report(

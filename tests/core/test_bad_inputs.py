@@ -62,6 +62,13 @@ def _load(path_fn: Callable[[Path], Path], **kw: Any) -> Callable[[Path], Any]:
     return call
 
 
+def _pass_from_options(name: str, options: dict[str, Any]) -> Any:
+    from damo_plugins.core.manager import get_manager
+    from damo_plugins.core.verbs import pass_from_options
+
+    return pass_from_options(get_manager().get_pass(name), options)
+
+
 def _truncated(tmp: Path, maker: Callable[[Path], Path], name: str) -> Path:
     src = maker(tmp)
     data = src.read_bytes()
@@ -203,6 +210,13 @@ CASES = [
         lambda t: ["export", "tiny-cnn", "--input-shape", "3,64,64", "-o", str(t / "m.onnx")],
         "expected 4D input",
         _load(lambda t: "tiny-cnn", input_shape=[3, 64, 64]),
+    ),
+    Case(
+        "verb-option-out-of-range",
+        "a verb option the pass refuses",
+        lambda t: ["export", "tiny-cnn", "--tolerance", "-1", "-o", str(t / "m.onnx")],
+        "--tolerance: input should be greater than 0",
+        lambda t: _pass_from_options("export", {"tolerance": -1}),
     ),
     Case(
         "recipe-unknown-key",

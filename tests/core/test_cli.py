@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -103,7 +104,8 @@ def test_devices() -> None:
 
 
 def test_hello_plugin_distribution(tmp_path: Path) -> None:
-    """The documented example plugin, installed for real with pip, used in a recipe."""
+    """The documented example plugin, installed for real with pip: its pass in a recipe, its
+    event listener, its model builder and its verb, as ``docs/plugins.md`` shows them."""
     target = tmp_path / "site"
     pip = subprocess.run(
         [
@@ -125,19 +127,122 @@ def test_hello_plugin_distribution(tmp_path: Path) -> None:
     assert list(target.glob("damo_hello_plugin-*.dist-info"))
     env = {"PYTHONPATH": str(target)}
     rows = json.loads(damo_opt("plugins", "--json", env=env).stdout)
-    assert {
-        "name": "hello",
-        "kind": "pass",
+    hello = {
         "distribution": "damo-hello-plugin",
         "version": "0.1.0",
         "entry_point": "hello = damo_hello",
-    } in rows
+    }
+    assert {"name": "hello", "kind": "pass", **hello} in rows
+    assert {"name": "hello-net", "kind": "model", **hello} in rows
+    # loading the plugin is cheap: torch is imported only by the functions that need it
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys, damo_hello; print(sorted(sys.modules))"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+    )
+    assert probe.returncode == 0, probe.stderr
+    assert "'torch'" not in probe.stdout and "'damo_hello'" in probe.stdout
+
+    # the pass in a recipe, with the listener writing one JSON line per finished step
+    events = tmp_path / "events.jsonl"
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: tiny-cnn\nsteps:\n  - hello: {scale: 2.0}\n  - export\n")
-    proc = damo_opt("run", str(recipe), "-o", str(tmp_path / "out"), env=env)
+    proc = damo_opt(
+        "run",
+        str(recipe),
+        "-o",
+        str(tmp_path / "out"),
+        env={**env, "DAMO_HELLO_EVENTS": str(events)},
+    )
     assert proc.returncode == 0, proc.stderr
     rep = json.loads((tmp_path / "out" / "report.json").read_text())
     assert [s["step"] for s in rep["steps"]] == ["input", "hello", "export"]
     assert rep["steps"][1]["verification"]["passed"] and rep["steps"][1]["metrics"] == {
         "scale": 2.0
     }
+    lines = [json.loads(line) for line in events.read_text().splitlines()]
+    assert [(e["step"], e["format"], e["passed"]) for e in lines] == [
+        ("hello", "torch", True),
+        ("export", "onnx", True),
+    ]
+    onnx_file = Path(lines[1]["artifact"])
+    assert onnx_file.is_file() and onnx_file.suffix == ".onnx"
+
+    # the model builder: keyword arguments, default_input_shape, a clean error for bad ones
+    info = json.loads(
+        damo_opt("info", "hello-net", "--json", "--model-arg", "channels=2", env=env).stdout
+    )
+    assert info["inputs"][0]["shape"] == [1, 3, 32, 32]
+    assert info["params"] == 3 * 2 * 9 + 2 * 2 + 2 * 3 + 3  # conv, BN, linear weight + bias
+    assert info["outputs"] == [{"name": "logits", "shape": [1, 3], "dtype": "float32"}]
+    assert_clean_error(
+        damo_opt("info", "hello-net", "--model-arg", "channels=0", env=env),
+        "channels must be a positive integer",
+    )
+
+    # the verb: the pass through the step runner, verified; a format it cannot take
+    proc = damo_opt(
+        "hello", "hello-net", "--model-arg", "num_classes=5", "--scale", "3", "--json", env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["step"] == "hello" and out["config"] == {"scale": 3.0}
+    assert out["metrics"] == {"scale": 3.0}
+    assert out["verification"]["passed"] and out["verification"]["max_rel"] <= 1e-6
+    assert "hello: outputs x3.0" in proc.stderr
+    assert_clean_error(damo_opt("hello", str(onnx_file), env=env), "cannot take a onnx model")
+
+    # the adapter plugin `eager` (damo_hello/eager.py): benchmark options declared as a schema
+    assert {
+        "name": "eager",
+        "kind": "adapter",
+        "distribution": "damo-hello-plugin",
+        "version": "0.1.0",
+        "entry_point": "eager = damo_hello.eager",
+    } in rows
+    bench = tmp_path / "bench.yaml"
+    bench.write_text(
+        "model: tiny-cnn\nsteps:\n"
+        "  - benchmark: {adapter: eager, iterations: 3, warmup: 0, threads: 1}\n"
+        "  - benchmark: {adapter: eager, iterations: 3, warmup: 0, threads: 3}\n"
+    )
+    proc = damo_opt("run", str(bench), "-o", str(tmp_path / "bench"), env=env)
+    assert proc.returncode == 0, proc.stderr
+    steps = json.loads((tmp_path / "bench" / "report.json").read_text())["steps"][1:]
+    stats = [s["metrics"]["benchmark"] for s in steps]
+    # the option reached torch: each step ran with the threads it asked for
+    assert [(s["adapter"], s["count"], s["threads"]) for s in stats] == [
+        ("eager", 3, 1),
+        ("eager", 3, 3),
+    ]
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("model: tiny-cnn\nsteps:\n  - benchmark: {adapter: eager, precision: f32}\n")
+    assert_clean_error(
+        damo_opt("run", str(wrong), "--dry-run", env=env),
+        f"{wrong}:3: steps[0].benchmark.precision: 'precision' is an option of openvino; "
+        "eager accepts: threads",
+    )
+
+
+def test_debug_is_accepted_after_the_verb_and_shows_the_traceback(tmp_path) -> None:
+    bad = tmp_path / "cut.onnx"
+    bad.write_bytes(b"\x08\x07garbage")
+    proc = damo_opt("info", str(bad), "--debug")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+    assert "unrecognized arguments" not in proc.stderr
+
+
+def test_a_closed_pipe_is_not_an_error() -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        f"{sys.executable} -m damo_plugins.cli plugins --json | head -c 10",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.stdout.startswith("[\n  {"), proc.stdout
+    assert "Broken pipe" not in proc.stderr and "error" not in proc.stderr, proc.stderr

@@ -28,8 +28,6 @@ from damo_plugins.train.trainer import data_splits
 SIZE = 96
 
 
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = generate(tmp_path_factory.mktemp("synth"), train=4, val=2, seed=2)

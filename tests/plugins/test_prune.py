@@ -21,8 +21,6 @@ from tests.conftest import randomize_bn
 SIZE = 96
 
 
-
-
 @pytest.fixture(scope="module")
 def art():
     a = build_model(

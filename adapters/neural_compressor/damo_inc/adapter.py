@@ -35,12 +35,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
+from pydantic import Field
 
-from damo_plugins.core.adapter import AGREEMENT, MAP, Adapter, LabelledData, is_labelled
+from damo_plugins.core.adapter import (
+    AGREEMENT,
+    MAP,
+    Adapter,
+    AdapterOptions,
+    LabelledData,
+    is_labelled,
+)
 from damo_plugins.core.artifact import ModelArtifact
 from damo_plugins.core.errors import DamoError, UnsupportedError, first_line
 from damo_plugins.lib.decode import CONST, INPUT, OP, SHAPE, SIGNATURE, STOP, walk_decode
@@ -73,11 +81,30 @@ def _quiet() -> Any:
             lg.setLevel(lvl)
 
 
+#: autotune's default number of trials
+MAX_TRIALS = 10
+
+
+class INCQuantizeOptions(AdapterOptions):
+    """INC's accuracy-aware tuning settings (recipe keys of ``quantize: {adapter: inc}``)."""
+
+    configs: list[dict[str, Any]] | None = Field(
+        None,
+        description="autotune search space with max_drop: StaticQuantConfig settings tried "
+        "in order, e.g. [{}, {act_algo: kl}] (default: plain, KL activations, symmetric "
+        "activations, per-tensor weights)",
+    )
+    max_trials: int | None = Field(
+        None, ge=1, description=f"autotune: most configurations tried (default {MAX_TRIALS})"
+    )
+
+
 class INCAdapter(Adapter):
     name = "inc"
     backend = "neural_compressor"
     backend_distribution = "neural-compressor"
     capabilities = ("quantize", "autotune")
+    options = {"quantize": INCQuantizeOptions}
 
     def require_backend(self) -> Any:
         mod = super().require_backend()
@@ -99,14 +126,26 @@ class INCAdapter(Adapter):
         mode: str = "int8",
         subset_size: int = 300,
         keep_head_fp: bool = True,
-        ignored_scope: dict | None = None,
+        ignored_scope: Mapping[str, Any] | None = None,
         max_drop: float | None = None,
         validation: Iterable[Any] | None = None,
         validation_fn: Callable[[Any], float] | None = None,
+        seed: int = 0,
         configs: list[dict[str, Any]] | None = None,
-        max_trials: int = 10,
-        **_: Any,
+        max_trials: int | None = None,
     ) -> ModelArtifact:
+        """See :meth:`Adapter.quantize`; the INC options are :class:`INCQuantizeOptions`.
+
+        ``configs`` and ``max_trials`` shape ``autotune``, so they need ``max_drop``: given
+        without it they are an error rather than ignored. ``seed`` is not used (INC's
+        calibration and tuning are deterministic given the data).
+        """
+        if max_drop is None and (configs is not None or max_trials is not None):
+            raise DamoError(
+                "INC's configs and max_trials tune accuracy-controlled quantization; "
+                "they need max_drop",
+                "give max_drop (and val), or drop configs/max_trials",
+            )
         if artifact.format == "onnx":
             raise UnsupportedError(
                 "Intel Neural Compressor 3.x no longer quantizes ONNX models (that moved to "
@@ -197,7 +236,7 @@ class INCAdapter(Adapter):
                     baseline,
                     max_drop,
                     configs,
-                    max_trials,
+                    max_trials if max_trials is not None else MAX_TRIALS,
                     ignored_scope,
                 )
                 info["autotune"] = tuning
@@ -212,7 +251,7 @@ class INCAdapter(Adapter):
         return self._hand_off(artifact, quantized, example, target, info)
 
     @staticmethod
-    def _config(cls: Any, ignored_scope: dict | None, **kwargs: Any) -> Any:
+    def _config(cls: Any, ignored_scope: Mapping[str, Any] | None, **kwargs: Any) -> Any:
         cfg = cls(**kwargs)
         for name in (ignored_scope or {}).get("names") or []:
             cfg.set_local(name, cls(w_dtype="fp32", act_dtype="fp32"))
@@ -230,7 +269,7 @@ class INCAdapter(Adapter):
         max_drop: float,
         configs: list[dict[str, Any]] | None,
         max_trials: int,
-        ignored_scope: dict | None,
+        ignored_scope: Mapping[str, Any] | None,
     ) -> tuple[Any, dict[str, Any]]:
         """INC's ``autotune`` over a list of configs; ``calibrate`` keeps the decode float."""
         from neural_compressor.torch.quantization import TuningConfig, autotune

@@ -32,12 +32,20 @@ import logging
 import os
 import shutil
 import warnings
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field
 
-from damo_plugins.core.adapter import AGREEMENT, MAP, Adapter, LabelledData, is_labelled
+from damo_plugins.core.adapter import (
+    AGREEMENT,
+    MAP,
+    Adapter,
+    AdapterOptions,
+    LabelledData,
+    is_labelled,
+)
 from damo_plugins.core.artifact import ModelArtifact, onnx_artifact
 from damo_plugins.core.errors import DamoError, UnsupportedError, first_line
 from damo_plugins.lib.decode import (
@@ -69,11 +77,36 @@ def _quiet() -> Any:
         log.setLevel(old)
 
 
+class NNCFQuantizeOptions(AdapterOptions):
+    """NNCF's own settings of ``nncf.quantize`` (recipe keys of ``quantize: {adapter: nncf}``)."""
+
+    preset: Literal["performance", "mixed"] = Field(
+        "performance",
+        description="performance: symmetric activations; mixed: asymmetric activations "
+        "(tighter ranges for activations not centred on zero)",
+    )
+    fast_bias_correction: bool = Field(
+        True, description="false: NNCF's slower, more exact bias correction"
+    )
+    target_device: Literal["ANY", "CPU", "GPU", "NPU", "CPU_SPR"] = Field(
+        "ANY", description="device whose INT8 kernels the quantizer placement targets"
+    )
+    model_type: Literal["transformer"] | None = Field(
+        None, description="transformer: NNCF's special handling of attention blocks"
+    )
+    torch_backend: bool = Field(
+        False,
+        description="quantize the nn.Module on NNCF's torch path (builds a C++ extension on "
+        "first use), then convert to OpenVINO",
+    )
+
+
 class NNCFAdapter(Adapter):
     name = "nncf"
     backend = "nncf"
     backend_distribution = "nncf"
     capabilities = ("quantize", "quantize_with_accuracy_control", "compress_weights")
+    options = {"quantize": NNCFQuantizeOptions}
 
     def devices(self) -> list[str]:
         # NNCF quantizes for a target device; it runs nothing itself.
@@ -121,7 +154,7 @@ class NNCFAdapter(Adapter):
         kind: str,
         model: Any,
         keep_head_fp: bool,
-        user: dict | None,
+        user: Mapping[str, Any] | None,
         example: Any = None,
     ) -> tuple[Any, list[str]]:
         head: list[str] = []
@@ -157,18 +190,23 @@ class NNCFAdapter(Adapter):
         target: str | None = None,
         mode: str = "int8",
         subset_size: int = 300,
+        keep_head_fp: bool = True,
+        ignored_scope: Mapping[str, Any] | None = None,
+        max_drop: float | None = None,
+        validation: Iterable[Any] | None = None,
+        validation_fn: Callable[[Any, Iterable[Any]], float] | None = None,
+        seed: int = 0,
         preset: str = "performance",
         fast_bias_correction: bool = True,
         target_device: str = "ANY",
         model_type: str | None = None,
-        keep_head_fp: bool = True,
-        ignored_scope: dict | None = None,
-        max_drop: float | None = None,
-        validation: Iterable[Any] | None = None,
-        validation_fn: Callable[[Any, Iterable[Any]], float] | None = None,
         torch_backend: bool = False,
-        **_: Any,
     ) -> ModelArtifact:
+        """See :meth:`Adapter.quantize`; the NNCF options are :class:`NNCFQuantizeOptions`.
+
+        ``seed`` is not used: NNCF's statistics collection and accuracy control are
+        deterministic given the data.
+        """
         nncf = self.require_backend()
         target = target or ("onnx" if artifact.format == "onnx" else "openvino")
         if torch_backend and artifact.format == "torch":
@@ -206,6 +244,8 @@ class NNCFAdapter(Adapter):
             "backend_version": self.backend_version(),
             "mode": "int8",
             "preset": preset,
+            "fast_bias_correction": fast_bias_correction,
+            "target_device": target_device,
             "subset_size": params["subset_size"],
             "kept_fp": head,
             "accuracy_control": max_drop is not None,

@@ -18,16 +18,53 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field
 
-from damo_plugins.core.adapter import Adapter
+from damo_plugins.core.adapter import Adapter, AdapterOptions
 from damo_plugins.core.artifact import ModelArtifact
 from damo_plugins.core.errors import DamoError, UnsupportedError
 from damo_plugins.lib.openvino_graph import ir_param_count, name_ports, ov_core, port_specs
+
+#: ``precision`` values: inference precision of float ops; ``default`` (or ``None`` from
+#: Python) leaves the device's own choice, which is bf16 on CPUs with AVX-512 BF16 or AMX
+Precision = Literal["f32", "bf16", "f16", "default"]
+
+
+class OVCompileOptions(AdapterOptions):
+    """``compile_model`` settings."""
+
+    hint: Literal["latency", "throughput", "cumulative_throughput"] | None = Field(
+        None, description="OpenVINO performance hint (default: the device's)"
+    )
+    threads: int | None = Field(None, ge=1, description="INFERENCE_NUM_THREADS")
+    precision: Precision | None = Field(
+        "f32", description="inference precision of float ops ('default': the device's choice)"
+    )
+    properties: dict[str, Any] | None = Field(
+        None, description="further OpenVINO properties by their own names, e.g. NUM_STREAMS"
+    )
+
+
+class OVBenchmarkOptions(AdapterOptions):
+    """Benchmark settings (recipe keys of ``benchmark: {adapter: openvino}``)."""
+
+    hint: Literal["latency", "throughput"] = Field(
+        "latency",
+        description="latency: one request at a time; throughput: AsyncInferQueue under the "
+        "THROUGHPUT hint",
+    )
+    threads: int | None = Field(None, ge=1, description="INFERENCE_NUM_THREADS")
+    requests: int | None = Field(
+        None, ge=1, description="infer requests in flight (default: the device's optimum)"
+    )
+    precision: Precision | None = Field(
+        "f32", description="inference precision of float ops ('default': the device's choice)"
+    )
 
 
 class OpenVINOAdapter(Adapter):
@@ -36,6 +73,7 @@ class OpenVINOAdapter(Adapter):
     backend_distribution = "openvino"
     formats = ("openvino",)
     capabilities = ("convert", "compile", "run", "benchmark", "infer_stream")
+    options = {"compile": OVCompileOptions, "benchmark": OVBenchmarkOptions}
 
     def __init__(self) -> None:
         self._compiled: dict[Any, Any] = {}
@@ -73,9 +111,7 @@ class OpenVINOAdapter(Adapter):
         return info
 
     # -------------------------------------------------------------- convert
-    def convert(
-        self, artifact: ModelArtifact, compress_to_fp16: bool = False, **_: Any
-    ) -> ModelArtifact:
+    def convert(self, artifact: ModelArtifact, compress_to_fp16: bool = False) -> ModelArtifact:
         ov = self.require_backend()
         try:
             if artifact.format == "torch":
@@ -164,22 +200,25 @@ class OpenVINOAdapter(Adapter):
         self,
         artifact: ModelArtifact,
         device: str = "CPU",
+        *,
         hint: str | None = None,
         threads: int | None = None,
         precision: str | None = "f32",
-        **config: Any,
+        properties: Mapping[str, Any] | None = None,
     ) -> Any:
         """Compile for ``device`` with an optional ``latency``/``throughput`` hint.
 
         ``precision`` is the inference precision of floating-point ops. It defaults to
         ``f32``: on CPUs with AVX-512 BF16 or AMX, OpenVINO otherwise runs FP32 models in
         bf16 (errors ~1e-3 of the output scale), which would break parity checks and make an
-        "FP32" benchmark silently bf16. ``None`` leaves the device's own default.
+        "FP32" benchmark silently bf16. ``None`` (or ``"default"``) leaves the device's own
+        default. ``properties`` are further OpenVINO properties by their own names; the
+        named options win over them.
         """
         self.require_backend()
         self.check_device(device)
         model = artifact.model if artifact.format == "openvino" else self.convert(artifact).model
-        props = dict(config)
+        props = dict(properties or {})
         props.update(_precision_props(device, precision))
         if hint:
             if hint.lower() not in ("latency", "throughput", "cumulative_throughput"):
@@ -207,7 +246,7 @@ class OpenVINOAdapter(Adapter):
     ) -> list[np.ndarray]:
         # Verification runs in f32: on CPUs with AVX512-BF16 (Zen 4, Sapphire Rapids) the CPU
         # plugin's default inference precision is bf16, which differs by ~1e-3.
-        compiled = self.compile(artifact, device, INFERENCE_PRECISION_HINT="f32")
+        compiled = self.compile(artifact, device, properties={"INFERENCE_PRECISION_HINT": "f32"})
         result = compiled(list(feeds))
         return [np.asarray(result[out]) for out in compiled.outputs]
 
@@ -230,19 +269,19 @@ class OpenVINOAdapter(Adapter):
         self,
         artifact: ModelArtifact,
         device: str = "CPU",
-        hint: str = "latency",
+        *,
         iterations: int | None = None,
         seconds: float | None = None,
         warmup: int = 3,
+        hint: str = "latency",
         threads: int | None = None,
         requests: int | None = None,
         precision: str | None = "f32",
-        **_: Any,
     ) -> dict[str, Any]:
         """Latency (one request at a time) or throughput (``AsyncInferQueue``), like benchmark_app.
 
-        ``precision`` as in :meth:`compile` (``f32`` by default, ``bf16`` or ``None`` for the
-        device's default); the precision used is reported.
+        ``precision`` as in :meth:`compile` (``f32`` by default, ``bf16``, or ``None`` /
+        ``"default"`` for the device's default); the precision used is reported.
         """
         from damo_plugins.lib.timing import measure_latency, summarize_ms
 
@@ -351,7 +390,11 @@ def _convert_onnx(ov: Any, artifact: ModelArtifact) -> Any:
 
 def _precision_props(device: str, precision: str | None) -> dict[str, Any]:
     """``INFERENCE_PRECISION_HINT`` for real devices (virtual ones pass it on themselves)."""
-    if precision is None or device.split(":")[0].split(".")[0] not in ("CPU", "GPU", "NPU"):
+    if precision in (None, "default") or device.split(":")[0].split(".")[0] not in (
+        "CPU",
+        "GPU",
+        "NPU",
+    ):
         return {}
     return {"INFERENCE_PRECISION_HINT": precision}
 
