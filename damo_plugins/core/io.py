@@ -12,6 +12,7 @@ import contextlib
 import errno
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -142,13 +143,35 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def check_regular(path: str | os.PathLike[str], what: str = "file") -> Path:
+    """Refuse anything but a regular file *before* opening it.
+
+    Opening a FIFO blocks until a writer appears (forever, for a user's stray pipe); a
+    device or socket never ends. ``stat`` does not open, so this check cannot hang.
+    """
+    p = Path(path)
+    try:
+        mode = p.stat().st_mode
+    except FileNotFoundError:
+        raise DamoError(f"{what} not found: {p}", "check the path") from None
+    except OSError as exc:
+        raise DamoError(f"cannot access {what} {p}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
+        raise DamoError(f"{what} path is a directory, not a file: {p}", "give the file inside it")
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+        raise DamoError(f"{what} {p} is {kind}, not a regular file", "give a regular file")
+    return p
+
+
 def check_input_file(path: str | os.PathLike[str], what: str = "model") -> Path:
-    """Return ``path`` if it is a readable, non-empty file; otherwise a clear error."""
+    """Return ``path`` if it is a readable, non-empty regular file; otherwise a clear error."""
     p = Path(path)
     if not p.exists():
         raise DamoError(f"{what} file not found: {p}", "check the path")
     if p.is_dir():
         raise DamoError(f"{what} path is a directory, not a file: {p}", "give the file inside it")
+    check_regular(p, f"{what} file")
     if p.stat().st_size == 0:
         raise DamoError(f"{what} file is empty: {p}", "re-create or re-download it")
     if not os.access(p, os.R_OK):

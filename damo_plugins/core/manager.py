@@ -21,6 +21,7 @@ from __future__ import annotations
 import difflib
 import importlib.metadata as md
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -105,7 +106,20 @@ class PluginManager:
     # ----------------------------------------------------------------- loading
     def load_entry_points(self) -> None:
         """Import and register every allowed plugin of the ``damo_plugins`` group."""
-        for ep in sorted(md.entry_points(group=GROUP), key=lambda e: e.name):
+        eps = sorted(md.entry_points(group=GROUP), key=lambda e: e.name)
+        installed = {ep.name for ep in eps}
+        for var, names in (
+            ("DAMO_PLUGINS_DISABLE", self.disabled),
+            ("DAMO_PLUGINS_LOAD", self.load_only),
+        ):
+            for name in sorted(set(names or ()) - installed):
+                warnings.warn(
+                    f"{var} names '{name}', which is not an installed plugin "
+                    f"({suggest(name, installed)})",
+                    PluginWarning,
+                    stacklevel=2,
+                )
+        for ep in eps:
             if ep.name in self.info or ep.name in self.failures:
                 continue
             if ep.name in self.disabled:
@@ -121,7 +135,9 @@ class PluginManager:
             )
             try:
                 module = ep.load()
-            except Exception as exc:  # a broken plugin must not break the tool
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # a broken plugin (even one calling sys.exit) is isolated
                 self._fail(info, f"failed to import: {type(exc).__name__}: {exc}")
                 continue
             self.register(module, info)
@@ -167,7 +183,9 @@ class PluginManager:
                 )
                 try:
                     result = impl.function()
-                except Exception as exc:
+                except KeyboardInterrupt:
+                    raise
+                except BaseException as exc:
                     warnings.warn(
                         f"{info.label()} raised in {hook_name}: {type(exc).__name__}: {exc}; "
                         "its contributions are skipped",
@@ -201,8 +219,8 @@ class PluginManager:
             if not isinstance(result, Mapping):
                 return bad(f"a {type(result).__name__} instead of a mapping name -> callable")
             for name, fn in result.items():
-                if not isinstance(name, str) or not callable(fn):
-                    bad(f"an entry {name!r} that is not name -> callable")
+                if not valid_name(name) or not callable(fn):
+                    bad(f"an entry {name!r} that is not name -> callable (names: {NAME_RULE})")
                     continue
                 out.append((name, fn))
             return out
@@ -212,7 +230,11 @@ class PluginManager:
             if (kind == "pass" and isinstance(obj, type) and issubclass(obj, Pass)) or (
                 kind == "adapter" and isinstance(obj, Adapter)
             ):
-                out.append((obj.name, obj))
+                name = getattr(obj, "name", None)
+                if not valid_name(name):
+                    bad(f"{obj!r} with an invalid name {name!r} (want {NAME_RULE})")
+                    continue
+                out.append((name, obj))
             else:
                 bad(f"{obj!r}, which is not a {'Pass subclass' if kind == 'pass' else 'Adapter'}")
         return out
@@ -246,11 +268,7 @@ class PluginManager:
         """Return the contribution ``name`` of ``kind`` or raise a clear error."""
         reg = self._collect()
         if (kind, name) in reg.clashes:
-            owners = " and ".join(p.label() for p in reg.clashes[(kind, name)])
-            raise PluginError(
-                f"{kind} '{name}' is provided by {owners}",
-                "disable one of them with DAMO_PLUGINS_DISABLE=<plugin name>",
-            )
+            raise PluginError(clash_message(kind, name, reg.clashes[(kind, name)]))
         table = reg.items[kind]
         if name not in table:
             raise DamoError(f"unknown {kind} '{name}'", suggest(name, table))
@@ -258,6 +276,11 @@ class PluginManager:
 
     def names(self, kind: str) -> list[str]:
         return sorted(self._collect().items[kind])
+
+    def clash(self, kind: str, name: str) -> str | None:
+        """The error text if ``name`` is provided by two plugins, else ``None``."""
+        owners = self._collect().clashes.get((kind, name))
+        return clash_message(kind, name, owners) if owners else None
 
     # -------------------------------------------------------------- shortcuts
     def get_pass(self, name: str) -> Any:
@@ -284,13 +307,20 @@ class PluginManager:
 
     # ------------------------------------------------------------------ events
     def notify(self, hook_name: str, **kwargs: Any) -> None:
-        """Call an event hook on every plugin; a failing listener is reported, not fatal."""
+        """Call an event hook on every plugin; a failing listener is reported, not fatal.
+
+        Any exception is isolated, ``SystemExit`` included (a listener calling ``sys.exit``
+        must not end the user's run). Only ``KeyboardInterrupt`` (Ctrl-C, and SIGTERM during
+        a pipeline) goes through: it is the user stopping the run, not the listener failing.
+        """
         for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
             info = self.info.get(impl.plugin_name)
             label = info.label() if info else f"plugin '{impl.plugin_name}'"
             try:
                 impl.function(**{a: kwargs[a] for a in impl.argnames})
-            except Exception as exc:
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:
                 warnings.warn(
                     f"{label} raised in {hook_name}: {type(exc).__name__}: {exc}",
                     PluginWarning,
@@ -303,12 +333,34 @@ class PluginManager:
             label = info.label() if info else f"plugin '{impl.plugin_name}'"
             try:
                 impl.function(subparsers=subparsers)
-            except Exception as exc:
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:
                 warnings.warn(
                     f"{label} raised in damo_cli: {type(exc).__name__}: {exc}",
                     PluginWarning,
                     stacklevel=2,
                 )
+
+
+#: what a contributed name may look like (it is typed on command lines and in recipes)
+NAME_RULE = "a string of letters, digits, '-', '_' or '.', starting with a letter or digit"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def valid_name(name: Any) -> bool:
+    return isinstance(name, str) and bool(_NAME.match(name))
+
+
+def clash_message(kind: str, name: str, owners: Iterable[PluginInfo]) -> str:
+    """ "step 'export' is provided by two plugins: a (dist-a 1.0) and b (dist-b 2.0); ..."."""
+    owners = list(owners)
+    who = " and ".join(f"{p.name} ({p.distribution} {p.version})" for p in owners)
+    label = "step" if kind == "pass" else kind
+    return (
+        f"{label} '{name}' is provided by {len(owners)} plugins: {who}; disable one with "
+        f"DAMO_PLUGINS_DISABLE={owners[-1].name}"
+    )
 
 
 def suggest(name: str, choices: Iterable[str]) -> str:

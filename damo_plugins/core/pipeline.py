@@ -8,18 +8,22 @@ Guarantees (see ``docs/reliability.md``):
 * ``report.json``/``report.md`` are rewritten atomically after every step, so an interrupted
   run still says what it finished;
 * a step that raises, or whose verification fails, stops the run with a clear message and
-  leaves every earlier artifact in place;
-* an existing output folder is refused unless ``force`` is given.
+  leaves every earlier artifact in place; SIGTERM stops it like Ctrl-C (report
+  "interrupted");
+* the output folder is locked for the run and the tool touches only what it wrote there
+  (:mod:`damo_plugins.core.output`): ``force`` replaces the tool's earlier outputs, never
+  anything else, and a folder holding the run's input is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import shutil
+import signal
+import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +32,9 @@ from damo_plugins import __version__
 from damo_plugins.core import report
 from damo_plugins.core.artifact import ModelArtifact, _plain, load_model
 from damo_plugins.core.errors import DamoError
-from damo_plugins.core.io import atomic_dir, ensure_dir, write_text
+from damo_plugins.core.io import write_text
 from damo_plugins.core.manager import PluginManager, get_manager
+from damo_plugins.core.output import OutputFolder
 from damo_plugins.core.passes import PassContext
 from damo_plugins.core.recipe import LoadedRecipe, check_chain, load_recipe
 from damo_plugins.core.runner import run_step
@@ -71,15 +76,23 @@ def run(
     if model is None:
         check_chain(loaded)
     out = Path(output or r.output or Path("runs") / Path(loaded.source).stem)
-    if out.exists() and not out.is_dir():
-        raise DamoError(f"output {out} exists and is not a folder", "choose another -o")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise DamoError(
-            f"output folder {out} already exists and is not empty",
-            "use --force to overwrite, or choose another -o",
-        )
-    ensure_dir(out)
+    spec = model if model is not None else _resolve_model(r.model, loaded.base_dir)
+    inputs = [spec] if isinstance(spec, str) and Path(spec).exists() else []
+    with OutputFolder(out) as folder, _sigterm_interrupts():
+        folder.claim(force=force, inputs=inputs)
+        return _run_steps(loaded, spec, model, folder, mgr, verify, log)
 
+
+def _run_steps(
+    loaded: LoadedRecipe,
+    spec: Any,
+    model: Any,
+    folder: OutputFolder,
+    mgr: PluginManager,
+    verify: bool,
+    log: Callable[[str], None],
+) -> RunResult:
+    r, out = loaded.recipe, folder.path
     rep: dict[str, Any] = {
         "damo_plugins": __version__,
         "recipe": loaded.source,
@@ -91,7 +104,6 @@ def run(
     mgr.notify("damo_pipeline_started", recipe=r, output=str(out))
     try:
         t0 = time.perf_counter()
-        spec = model if model is not None else _resolve_model(r.model, loaded.base_dir)
         art = load_model(
             spec, manager=mgr, input_shape=r.input_shape, model_args=r.model_args, arch=r.arch
         )
@@ -100,14 +112,14 @@ def run(
         if first["flops"]:
             art.meta["flops"] = first["flops"]
         rep["steps"].append(first)
-        report.write(out, rep)
+        _write_report(folder, rep)
         for step in loaded.steps:
             number = step.index + 1
             label = f"[{number}/{len(loaded.steps)}] {step.name}"
             log(f"{label} ...")
             pass_ = step.pass_cls(step.config)
-            folder = out / f"{number:02d}-{step.name}"
-            with atomic_dir(folder, force=True) as tmp:
+            name = f"{number:02d}-{step.name}"
+            with folder.step_dir(name) as tmp:
                 ctx = PassContext(manager=mgr, workdir=tmp, seed=r.seed, verify=verify, log=log)
                 res = run_step(pass_, art, ctx)
                 after, ver, seconds, config = res.artifact, res.verification, res.seconds, res.config
@@ -122,32 +134,65 @@ def run(
                     model_path = art.path  # unchanged model: no second copy on disk
                     write_text(tmp / "metrics.json", json.dumps(_plain(res.metrics), indent=2) + "\n")
                 else:
-                    model_path = folder / after.save(tmp, manager=mgr).name
+                    model_path = out / name / after.save(tmp, manager=mgr).name
             entry = _entry(number, step.name, after, config, ver, seconds, model_path, res.metrics)
             entry["size_bytes"] = _size(model_path)
             if entry["flops"]:
                 after.meta["flops"] = entry["flops"]
             rep["steps"].append(entry)
             after.path = model_path
-            report.write(out, rep)
+            _write_report(folder, rep)
             mgr.notify("damo_step_finished", step=step.name, before=art, after=after, metrics=entry)
             log(f"{label} done in {seconds:.1f}s" + (f" — {ver.message}" if ver else ""))
             art = after
-        _remove_stale(out, len(loaded.steps))
         rep["status"] = "ok"
-        report.plot(out, rep)
+        if report.plot(out, rep) is not None:
+            folder.record("report.png")
     except BaseException as exc:
-        rep["status"] = "failed"
-        rep["error"] = str(exc) if isinstance(exc, DamoError) else f"{type(exc).__name__}: {exc}"
-        if not isinstance(exc, DamoError):
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        rep["status"] = "interrupted" if interrupted else "failed"
+        rep["error"] = (
+            "interrupted"
+            if interrupted
+            else str(exc) if isinstance(exc, DamoError) else f"{type(exc).__name__}: {exc}"
+        )
+        if not isinstance(exc, (DamoError, KeyboardInterrupt)):
             rep["traceback"] = traceback.format_exc(limit=5)
         with contextlib.suppress(Exception):
-            report.write(out, rep)
+            _write_report(folder, rep)
         mgr.notify("damo_pipeline_finished", report=rep)
         raise
-    report.write(out, rep)
+    _write_report(folder, rep)
     mgr.notify("damo_pipeline_finished", report=rep)
     return RunResult(art, rep, out)
+
+
+def _write_report(folder: OutputFolder, rep: dict[str, Any]) -> None:
+    for name in ("report.json", "report.md"):
+        folder.record(name)  # recorded first: a kill mid-write leaves only our own temp file
+    report.write(folder.path, rep)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: stop like Ctrl-C (clean stop, report "interrupted", temp folders removed)."""
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` for the run (main thread only: signal handlers
+    can only be set there; elsewhere the default behaviour stays)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _entry(
@@ -185,11 +230,3 @@ def _size(path: Path | None) -> int | None:
         return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
     files = [p, p.with_suffix(".bin")] if p.suffix == ".xml" else [p]
     return sum(f.stat().st_size for f in files if f.is_file())
-
-
-def _remove_stale(out: Path, n_steps: int) -> None:
-    """After a forced re-run, drop step folders the new recipe did not produce."""
-    for child in out.iterdir():
-        head = child.name.split("-", 1)[0]
-        if child.is_dir() and head.isdigit() and int(head) > n_steps:
-            shutil.rmtree(child, ignore_errors=True)

@@ -105,16 +105,79 @@ def _first_error(exc: ValidationError, allowed: Sequence[str]) -> tuple[tuple[An
     return loc, err.get("msg", "invalid value")
 
 
+#: bounds on what a recipe may expand to (a recipe is a page of text, never megabytes)
+MAX_NODES = 100_000
+MAX_DEPTH = 64
+
+
 def parse_text(text: str, source: str = "<recipe>") -> tuple[Any, _Locator]:
+    """Parse recipe text (YAML or JSON) within bounds; problems name the line.
+
+    YAML aliases may expand exponentially (a 1 KB "billion laughs" document), so the
+    composed node graph is measured *with aliases expanded* before anything is built from
+    it; nesting deeper than :data:`MAX_DEPTH` and duplicate keys (where YAML silently keeps
+    the last) are refused.
+    """
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+        _check_bounds(node, source)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise DamoError(f"{where}: recipe is not valid YAML/JSON: {problem}") from exc
+    except RecursionError:
+        raise DamoError(
+            f"{source}: recipe is nested too deeply", f"at most {MAX_DEPTH} levels"
+        ) from None
     return data, _Locator(node, source)
+
+
+def _check_bounds(root: Any, source: str) -> None:
+    """Expanded size, depth and duplicate keys of a composed YAML node graph."""
+    if root is None:
+        return
+    sizes: dict[int, int] = {}
+    # iterative post-order walk: (node, depth, children done?)
+    stack: list[tuple[Any, int, bool]] = [(root, 1, False)]
+    while stack:
+        node, depth, done = stack.pop()
+        if depth > MAX_DEPTH:
+            raise DamoError(
+                f"{source}:{node.start_mark.line + 1}: recipe is nested too deeply",
+                f"at most {MAX_DEPTH} levels",
+            )
+        children = _children(node)
+        if done or not children:
+            sizes[id(node)] = 1 + sum(sizes[id(c)] for c in children)
+            if sizes[id(node)] > MAX_NODES:
+                raise DamoError(
+                    f"{source}: recipe expands to more than {MAX_NODES} values "
+                    "(YAML aliases/anchors multiply what they repeat)",
+                    "write the recipe out without nested aliases",
+                )
+            continue
+        if isinstance(node, yaml.MappingNode):
+            seen: set[str] = set()
+            for key, _ in node.value:
+                if isinstance(key, yaml.ScalarNode):
+                    if key.value in seen:
+                        raise DamoError(
+                            f"{source}:{key.start_mark.line + 1}: key '{key.value}' is given twice",
+                            "keep one (YAML would silently use the last)",
+                        )
+                    seen.add(key.value)
+        stack.append((node, depth, True))
+        stack.extend((c, depth + 1, False) for c in children if id(c) not in sizes)
+
+
+def _children(node: Any) -> list[Any]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
 
 
 def load_recipe(
@@ -149,6 +212,8 @@ def load_recipe(
 
 
 def _parse_step(i: int, raw: Any, manager: PluginManager, loc: _Locator) -> Step:
+    from damo_plugins.core.passes import ConfigError
+
     where = loc.where(("steps", i))
     if isinstance(raw, str):
         name, options = raw, {}
@@ -166,14 +231,20 @@ def _parse_step(i: int, raw: Any, manager: PluginManager, loc: _Locator) -> Step
     name = str(name)
     known = manager.names("pass")
     if name not in known:
+        clash = manager.clash("pass", name)
+        if clash:
+            raise DamoError(f"{where}: steps[{i}]: {clash}")
         raise DamoError(f"{where}: steps[{i}]: unknown step '{name}' ({suggest(name, known)})")
     pass_cls = manager.get_pass(name)
     try:
-        config = pass_cls.Config(**{str(k): v for k, v in options.items()})
+        config = pass_cls.validate_config({str(k): v for k, v in options.items()}, manager)
     except ValidationError as exc:
         sub, msg = _first_error(exc, list(pass_cls.Config.model_fields))
         full = ("steps", i, name, *sub)
         raise DamoError(f"{loc.where(full)}: {_fmt_loc(full)}: {msg}") from None
+    except ConfigError as exc:  # e.g. an option the step's adapter does not take
+        full = ("steps", i, name, *exc.loc)
+        raise DamoError(f"{loc.where(full)}: {_fmt_loc(full)}: {exc.message}", exc.hint) from None
     return Step(i, name, config, pass_cls)
 
 

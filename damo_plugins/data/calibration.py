@@ -32,6 +32,7 @@ takes a folder, a ``.npy``/``.npz`` file, ``generated`` or ``generated:N``.
 from __future__ import annotations
 
 import inspect
+import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from damo_plugins.core.errors import DamoError
+from damo_plugins.core.io import check_regular
 
 if TYPE_CHECKING:  # pragma: no cover
     from damo_plugins.core.manager import PluginManager
@@ -203,21 +205,21 @@ def read_numpy(
     p = Path(path)
     if not p.is_file():
         raise DamoError(f"calibration file not found: {p}", "give a .npy or .npz file")
+    check_regular(p, "calibration file")
     try:
         if p.suffix.lower() == ".npz":
-            with np.load(p, allow_pickle=False) as npz:
-                names = [key] if key else list(npz.files)
-                missing = [n for n in names if n not in npz.files]
-                if missing:
-                    raise DamoError(
-                        f"{p} has no array '{missing[0]}'", f"it has: {', '.join(npz.files)}"
-                    )
-                arrays = [np.asarray(npz[n]) for n in names]
+            with zipfile.ZipFile(p) as zf:
+                members = sorted(n[: -len(".npy")] for n in zf.namelist() if n.endswith(".npy"))
+            names = [key] if key else members
+            missing = [n for n in names if n not in members]
+            if missing:
+                raise DamoError(f"{p} has no array '{missing[0]}'", f"it has: {', '.join(members)}")
+            arrays: list[Any] = [NpzMember(p, n) for n in names]
         else:
             arrays = [np.load(p, mmap_mode="r", allow_pickle=False)]
     except DamoError:
         raise
-    except (ValueError, OSError, EOFError) as exc:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise DamoError(
             f"cannot read calibration file {p}: {exc}", "write it with numpy.save / numpy.savez"
         ) from exc
@@ -245,6 +247,70 @@ def read_numpy(
         return np.ascontiguousarray(chunks[ci][j : j + 1], dtype=np.float32)
 
     return CalibrationSet(f"numpy:{p}", len(index), load)
+
+
+#: largest array a .npz member may declare (a few MB of zip can claim terabytes)
+MAX_NPZ_BYTES = 1 << 34
+
+
+class NpzMember:
+    """One array of an ``.npz``, read lazily sample by sample.
+
+    ``np.load(...)[name]`` decompresses a whole member: a 5.7 MB file of zeros declared
+    5.5 GB, whatever ``--subset`` said. Here only the header is read up front (shape, dtype,
+    checked against the member's real uncompressed size), and ``self[j]`` decompresses the
+    stream up to sample ``j`` (sequential reads, the calibration loop's pattern, cost O(n)).
+    """
+
+    def __init__(self, path: Path, name: str) -> None:
+        self.path, self.name = path, name
+        with zipfile.ZipFile(path) as zf:
+            info = zf.getinfo(f"{name}.npy")
+            with zf.open(info) as fh:
+                version = np.lib.format.read_magic(fh)
+                read_header = {
+                    (1, 0): np.lib.format.read_array_header_1_0,
+                    (2, 0): np.lib.format.read_array_header_2_0,
+                }.get(version)
+                if read_header is None:
+                    raise DamoError(f"{path}: array '{name}' has npy format {version}")
+                shape, fortran, dtype = read_header(fh)
+                self.offset = fh.tell()
+        if dtype.hasobject:
+            raise DamoError(f"{path}: array '{name}' holds Python objects", "save plain numbers")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if nbytes > MAX_NPZ_BYTES or info.file_size != self.offset + nbytes:
+            raise DamoError(
+                f"{path}: array '{name}' declares {list(shape)} {dtype} ({nbytes} bytes) but "
+                f"holds {info.file_size - self.offset} bytes (limit {MAX_NPZ_BYTES})",
+                "the file is corrupt or not written by numpy.savez",
+            )
+        if fortran and len(shape) > 1:
+            raise DamoError(f"{path}: array '{name}' is Fortran-ordered", "save it C-ordered")
+        if len(shape) == 3:  # one image [C, H, W]: a batch of one, as for .npy
+            shape = (1, *shape)
+        self.shape, self.dtype, self.ndim = tuple(shape), dtype, len(shape)
+        self._sample = (int(np.prod(shape[1:], dtype=np.int64)) if shape else 1) * dtype.itemsize
+        self._zip: zipfile.ZipFile | None = None
+        self._fh: Any = None
+        self._next = 0
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        j = index.start
+        if self._fh is None or j < self._next:
+            self._reopen()
+        self._fh.read((j - self._next) * self._sample)  # skip forward
+        data = self._fh.read(self._sample)
+        self._next = j + 1
+        return np.frombuffer(data, dtype=self.dtype).reshape((1, *self.shape[1:]))
+
+    def _reopen(self) -> None:
+        if self._zip is not None:
+            self._zip.close()
+        self._zip = zipfile.ZipFile(self.path)
+        self._fh = self._zip.open(f"{self.name}.npy")
+        self._fh.read(self.offset)
+        self._next = 0
 
 
 # ------------------------------------------------------------------- generated

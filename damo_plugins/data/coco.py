@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from damo_plugins.core.errors import DamoError
+from damo_plugins.core.io import check_regular
 
 
 def letterbox(
@@ -111,6 +112,7 @@ class CocoDetection:
 
     def load_image(self, index: int) -> Image.Image:
         path = self.images / self.records[index]["file_name"]
+        check_regular(path, "image")
         try:
             with Image.open(path) as im:
                 return im.convert("RGB")

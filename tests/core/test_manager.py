@@ -8,7 +8,7 @@ import warnings
 import pytest
 
 from damo_plugins.core.manager import PluginManager, PluginWarning
-from tests.conftest import damo_opt
+from tests.conftest import assert_clean_error, damo_opt
 
 BUILTIN_PASSES = {"export", "convert"}
 ADAPTERS = {"openvino", "nncf", "inc", "onnxruntime"}
@@ -171,3 +171,90 @@ def test_unknown_name_suggests_closest() -> None:
 
     with pytest.raises(DamoError, match="did you mean 'export'"):
         PluginManager().get_pass("exprot")
+
+
+# -------------------------------------------------- isolation of BaseException, names
+EXITING = {
+    "exit-at-import": "import sys\nsys.exit(0)\n",
+    "exit-in-hook": """
+import sys
+from damo_plugins import hookimpl
+
+@hookimpl
+def damo_passes():
+    sys.exit(3)
+""",
+    "bad-name": """
+from damo_plugins import Pass, hookimpl
+
+class NoName(Pass):
+    name = 42
+
+class Spaced(Pass):
+    name = "has space"
+
+@hookimpl
+def damo_passes():
+    return [NoName, Spaced]
+""",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(EXITING))
+def test_sys_exit_or_bad_names_in_a_plugin_are_isolated(plugin_path, tmp_path, kind: str) -> None:
+    """A plugin calling sys.exit (at import or in a hook) or naming a pass 42 is reported by
+    name; every command keeps working (it used to exit 0 doing nothing, or TypeError)."""
+    module = kind.replace("-", "_")
+    plugin_path(f"dist-{kind}", {module: EXITING[kind]}, {kind: module})
+    proc = damo_opt("plugins", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert kind in proc.stderr and "Traceback" not in proc.stderr
+    assert "export" in {r["name"] for r in json.loads(proc.stdout)}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: tiny-cnn\nsteps: [export]\n")
+    run = damo_opt("run", str(recipe), "-o", str(tmp_path / "out"))
+    assert run.returncode == 0, run.stderr
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["status"] == "ok"
+
+
+def test_listener_sys_exit_does_not_change_the_run(tmp_path) -> None:
+    class Quitter:
+        from damo_plugins import hookimpl
+
+        @hookimpl
+        def damo_step_finished(self, step, before, after, metrics):
+            raise SystemExit(0)
+
+    from damo_plugins.core.pipeline import run
+
+    mgr = PluginManager()
+    mgr.register(Quitter(), "quitter")
+    with pytest.warns(PluginWarning, match="quitter.*SystemExit"):
+        res = run(
+            {"model": "tiny-cnn", "steps": ["export"]},
+            output=tmp_path / "o",
+            manager=mgr,
+            log=print,
+        )
+    assert res.report["status"] == "ok"
+
+
+def test_a_shadowed_step_names_both_plugins(plugin_path, tmp_path) -> None:
+    plugin_path("dist-a", {"plug_a": GOOD}, {"plug-a": "plug_a"})
+    plugin_path("dist-b", {"plug_b": GOOD}, {"plug-b": "plug_b"})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: tiny-cnn\nsteps: [shout]\n")
+    proc = damo_opt("run", str(recipe), "--dry-run")
+    assert_clean_error(
+        proc,
+        "step 'shout' is provided by 2 plugins: plug-a (dist-a 0.0.1) and plug-b (dist-b 0.0.1)",
+        "DAMO_PLUGINS_DISABLE=plug-b",
+    )
+
+
+def test_unknown_names_in_disable_and_load_lists_warn(monkeypatch) -> None:
+    monkeypatch.setenv("DAMO_PLUGINS_DISABLE", "quantise")
+    with pytest.warns(
+        PluginWarning, match=r"DAMO_PLUGINS_DISABLE names 'quantise'.*did you mean 'quantize'"
+    ):
+        PluginManager()

@@ -55,7 +55,10 @@ def _sha(path: Path) -> str:
 
 
 def _hidden(folder: Path) -> list[Path]:
-    return [p for p in folder.rglob("*") if p.name.startswith(".")]
+    """Hidden leftovers (temporary files), not the tool's manifest and lock."""
+    from damo_plugins.core.output import BOOKKEEPING
+
+    return [p for p in folder.rglob("*") if p.name.startswith(".") and p.name not in BOOKKEEPING]
 
 
 @pytest.fixture
@@ -137,7 +140,7 @@ def test_existing_output_needs_force(tmp_path: Path) -> None:
     recipe = {"model": "tiny-cnn", "steps": ["export", "convert"]}
     run(recipe, output=out, manager=PluginManager(), log=lambda m: None)
     first = _sha(out / "01-export" / "model.onnx")
-    with pytest.raises(DamoError, match=r"already exists.*--force"):
+    with pytest.raises(DamoError, match=r"already holds.*--force"):
         run(recipe, output=out, manager=PluginManager(), log=lambda m: None)
     assert _sha(out / "01-export" / "model.onnx") == first
     run(
