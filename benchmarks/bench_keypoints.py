@@ -1,9 +1,12 @@
 """Keypoint post-processing: exported graphs (ONNX Runtime, OpenVINO) vs the eager per-ROI loop.
 
-Run: ``python benchmarks/bench_keypoints.py [--rounds 5] [--threads 2]``; prints Markdown.
-Variants are interleaved round by round; medians and ratios to the eager loop are reported.
+Run: ``python benchmarks/bench_keypoints.py [--rounds 5] [--threads 2]``; prints Markdown and
+writes it as the ``measured`` section of ``docs/benchmarks/keypoints.md`` (``--doc``; the
+hand-written text around it is kept). Variants are interleaved round by round; medians and
+ratios to the eager loop (medians of per-round ratios) are reported.
 Heatmaps: "peaked" (a Gaussian blob plus noise per keypoint, what a trained head produces)
-and "noise" (i.i.d. normal logits, the pruned form's worst case). Peak memory is the growth
+and "noise" (i.i.d. normal logits: the worst case of the pruned and vectorized forms, whose
+certificate then fails and every ROI takes the exact per-ROI fallback). Peak memory is the growth
 of the process's max RSS while running, measured in a fresh subprocess per variant.
 """
 
@@ -12,14 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import DOCS, command, interleaved_timing, log, machine_line, md_table, write_section
 
 K = 17
 
@@ -99,7 +104,8 @@ def measure_peak(fn, m: torch.Tensor, r: torch.Tensor) -> float:
 def peak_memory(variant: str, kind: str, r: int, threads: int) -> float:
     """MB of RSS growth while running ``variant`` twice, in a fresh process."""
     code = (
-        "import sys; sys.path.insert(0, 'benchmarks'); import bench_keypoints as b;"
+        f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
+        "import bench_keypoints as b;"
         f"f = b.make({variant!r}, {threads}); m, r = b.inputs({kind!r}, {r});"
         "print(b.measure_peak(f, m, r))"
     )
@@ -107,11 +113,20 @@ def peak_memory(variant: str, kind: str, r: int, threads: int) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rois", default="1,10,100")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rois", default="1,10,50,100")
+    ap.add_argument(
+        "--variants",
+        default="eager,vectorized-ort,vectorized-ov,loop-ort,loop-ov",
+        help="comma-separated: eager and <vectorized|pruned|loop>-<ort|ov>",
+    )
+    ap.add_argument(
+        "--no-memory", action="store_true", help="skip peak RSS (it re-exports every graph)"
+    )
     ap.add_argument(
         "--kinds",
         default="peaked",
@@ -119,44 +134,45 @@ def main() -> None:
         "large boxes drove the pruned form out of memory here)",
     )
     ap.add_argument("--json", help="also write raw results here")
-    args = ap.parse_args()
-    variants = ["eager", "pruned-ort", "pruned-ov", "loop-ort", "loop-ov"]
+    ap.add_argument("--doc", default=str(DOCS / "keypoints.md"), help="Markdown to write into")
+    args = ap.parse_args(argv)
+    variants = args.variants.split(",")
+    mem_cols = [] if args.no_memory else variants
     fns = {v: make(v, args.threads) for v in variants}
     rows = []
     for kind in args.kinds.split(","):
         for r in (int(x) for x in args.rois.split(",")):
+            log(f"{kind} heatmaps, R={r} ...")
             m, b = inputs(kind, r)
-            times: dict[str, list[float]] = {v: [] for v in variants}
-            for v in variants:
-                fns[v](m, b)  # warm-up (OpenVINO shapes, ORT allocations)
-            for _ in range(args.rounds):
-                for v in variants:
-                    t = time.perf_counter()
-                    fns[v](m, b)
-                    times[v].append((time.perf_counter() - t) * 1e3)
-            med = {v: statistics.median(t) for v, t in times.items()}
-            mem = {v: peak_memory(v, kind, r, args.threads) for v in variants}
-            rows.append({"heatmaps": kind, "R": r, "ms": med, "peak_mb": mem})
-    print(f"### Keypoint post-processing (K={K}, 56x56 maps, person boxes 100–500 px)\n")
-    print(
-        f"`python benchmarks/bench_keypoints.py --rounds {args.rounds} --threads "
-        f"{args.threads}`; medians of {args.rounds} interleaved rounds; ratio = eager / variant "
-        "(> 1 is faster than the eager loop); peak = RSS growth in MB while running.\n"
-    )
-    print(
-        "| heatmaps | R | "
-        + " | ".join(f"{v} ms (x)" for v in variants)
-        + " | "
-        + " | ".join(f"{v} peak" for v in variants)
-        + " |"
-    )
-    print("|---|---|" + "---|" * (2 * len(variants)))
-    for row in rows:
-        eager = row["ms"]["eager"]
-        cells = [f"{row['ms'][v]:.1f} ({eager / row['ms'][v]:.2f}x)" for v in variants]
-        mems = [f"{row['peak_mb'][v]:.0f}" for v in variants]
-        print(f"| {row['heatmaps']} | {row['R']} | " + " | ".join(cells + mems) + " |")
-    print(f"\nload average at the end: {[round(x, 1) for x in os.getloadavg()]}")
+            # one warm-up call each (OpenVINO shapes, ORT allocations), then the rounds
+            times = interleaved_timing(
+                {v: (lambda f=fns[v], m=m, b=b: f(m, b)) for v in variants}, args.rounds, warmup=1
+            )
+            med = {v: times.median(v) for v in variants}
+            ratio = {v: times.ratio("eager", v) for v in variants}
+            mem = {v: peak_memory(v, kind, r, args.threads) for v in mem_cols}
+            rows.append({"heatmaps": kind, "R": r, "ms": med, "ratio": ratio, "peak_mb": mem})
+    head = ["heatmaps", "R", *(f"{v} ms (x)" for v in variants)]
+    table = [
+        [row["heatmaps"], row["R"]]
+        + [f"{row['ms'][v]:.1f} ({row['ratio'][v]:.2f}x)" for v in variants]
+        + [f"{row['peak_mb'][v]:.0f}" for v in mem_cols]
+        for row in rows
+    ]
+    lines = [
+        f"### Keypoint post-processing (K={K}, 56x56 maps, person boxes 100–500 px)",
+        "",
+        f"Command: `{command(__file__, argv)}`; medians of {args.rounds} interleaved rounds; "
+        "ratio = eager / variant, median of the per-round ratios (> 1 is faster than the eager "
+        "loop); peak = RSS growth in MB while running.",
+        "",
+        machine_line(),
+        "",
+        *md_table([*head, *(f"{v} peak" for v in mem_cols)], table),
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    log(f"wrote {write_section(args.doc, text, key='measured')}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)

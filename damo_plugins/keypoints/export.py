@@ -1,8 +1,13 @@
 """Exporting keypoint models and checking them in ONNX Runtime and OpenVINO.
 
-OpenVINO note (measured on this machine, an AVX-512-BF16 CPU): the CPU plugin's default
-``INFERENCE_PRECISION_HINT`` is bf16, which moved keypoints by whole pixels; every model here
-is compiled with an explicit f32 hint.
+OpenVINO note: on CPUs with AVX-512 BF16 the CPU plugin's default ``INFERENCE_PRECISION_HINT``
+is bf16, which moved keypoints of the ``loop`` post-processing by up to 370 px (its MatMuls and
+everything feeding them ran in bf16). The plugin keeps the *tail* of a graph in f32 -- every
+node between the outputs and the last Convolution / MatMul / FullyConnected / Interpolate /
+ROIPooling -- so the ``vectorized`` post-processing (none of those ops) stays f32 under the
+default. A whole head still has convolutions, RoiAlign and box arithmetic before its tail,
+which bf16 would round; :data:`OPENVINO_F32_CONFIG` is what keeps those f32. The runners here
+compile with it unless told to use OpenVINO's defaults.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ from damo_plugins.core.errors import DamoError, first_line
 from damo_plugins.keypoints.postprocess import METHODS
 
 OPSETS = (16, 17, 18)
+#: compile setting that makes OpenVINO's CPU plugin run every node in f32 (measured: setting
+#: the model's rt_info ``runtime_options/INFERENCE_PRECISION_HINT`` is not honoured in 2026.4)
+OPENVINO_F32_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}
 #: a keypoint whose position moved by more than this (px) counts as an argmax disagreement;
 #: re-implemented coordinate math differs by ~1e-3 px, a flipped argmax by >= 0.5 px
 ARGMAX_PX = 0.25
@@ -31,7 +39,7 @@ class PostprocessModule(nn.Module):
     input_names = ("maps", "rois")
     output_names = ("keypoints",)
 
-    def __init__(self, method: str = "loop", num_keypoints: int = 17, heatmap_size: int = 56):
+    def __init__(self, method: str = "vectorized", num_keypoints: int = 17, heatmap_size: int = 56):
         super().__init__()
         if method not in METHODS:
             raise DamoError(
@@ -115,7 +123,7 @@ def export_keypoint_model(
     return proto
 
 
-def export_postprocess(opset: int = 17, method: str = "loop", num_keypoints: int = 17) -> Any:
+def export_postprocess(opset: int = 17, method: str = "vectorized", num_keypoints: int = 17) -> Any:
     """The graph of ``heatmaps_to_keypoints`` alone: ``maps``, ``rois`` -> ``keypoints``."""
     proto = export_keypoint_model(PostprocessModule(method, num_keypoints), opset=opset)
     # the exporter leaves K and 4 symbolic; state the stable interface [R, K, 4] exactly
@@ -138,15 +146,19 @@ def ort_runner(
 
 
 def openvino_runner(
-    proto: Any, threads: int | None = None
+    proto: Any, threads: int | None = None, f32: bool = True
 ) -> Callable[[Sequence[np.ndarray]], np.ndarray]:
-    """Compile an ONNX model in OpenVINO (CPU, f32) and return a callable."""
+    """Compile an ONNX model in OpenVINO (CPU) and return a callable.
+
+    ``f32=False`` compiles with OpenVINO's own defaults, as a user's plain ``compile_model``
+    would (bf16 on bf16-capable CPUs).
+    """
     try:
         import openvino as ov
     except ImportError as exc:
         raise DamoError("OpenVINO is not installed", "pip install openvino") from exc
     core = ov.Core()
-    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}
+    config: dict[str, Any] = dict(OPENVINO_F32_CONFIG) if f32 else {}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     model = core.read_model(proto.SerializeToString(), b"")
@@ -155,7 +167,18 @@ def openvino_runner(
     return lambda feeds: compiled(dict(zip(names, feeds)))[compiled.output(0)]
 
 
-RUNNERS = {"onnxruntime": ort_runner, "openvino": openvino_runner}
+def openvino_default_runner(
+    proto: Any, threads: int | None = None
+) -> Callable[[Sequence[np.ndarray]], np.ndarray]:
+    """OpenVINO with no precision setting: what ``core.compile_model(path)`` gives a user."""
+    return openvino_runner(proto, threads, f32=False)
+
+
+RUNNERS = {
+    "onnxruntime": ort_runner,
+    "openvino": openvino_runner,
+    "openvino-default": openvino_default_runner,
+}
 
 
 # ------------------------------------------------------------------------ comparison
@@ -188,8 +211,13 @@ def verify_keypoint_model(
     num_rois: Sequence[int] = (0, 1, 4, 100),
     backends: Sequence[str] = ("onnxruntime", "openvino"),
     seed: int = 0,
+    image_sizes: Sequence[int] = (),
 ) -> dict[str, dict[str, Any]]:
-    """PyTorch vs each backend for every ROI count: ``{backend: {"R=n": metrics}}``."""
+    """PyTorch vs each backend for every ROI count: ``{backend: {"R=n": metrics}}``.
+
+    With ``image_sizes`` (modules with an ``image_size`` attribute, e.g. the head) every ROI
+    count is also run on inputs of each image size: keys ``"R=n@size"``.
+    """
     results: dict[str, dict[str, Any]] = {}
     runners = {}
     for name in backends:
@@ -197,11 +225,21 @@ def verify_keypoint_model(
             raise DamoError(f"unknown backend '{name}'", f"one of {sorted(RUNNERS)}")
         runners[name] = RUNNERS[name](proto)
     module.eval()
-    for r in num_rois:
-        args = module.example_inputs(int(r), seed + int(r))
-        with torch.no_grad():
-            ref = module(*args).numpy()
-        feeds = [a.numpy() for a in args]
-        for name, run in runners.items():
-            results.setdefault(name, {})[f"R={r}"] = compare_keypoints(ref, run(feeds))
+    sizes: list[int | None] = [None, *image_sizes]
+    original = getattr(module, "image_size", None)
+    try:
+        for size in sizes:
+            if size is not None:
+                module.image_size = int(size)
+            for r in num_rois:
+                args = module.example_inputs(int(r), seed + int(r))
+                with torch.no_grad():
+                    ref = module(*args).numpy()
+                feeds = [a.numpy() for a in args]
+                key = f"R={r}" if size is None else f"R={r}@{size}"
+                for name, run in runners.items():
+                    results.setdefault(name, {})[key] = compare_keypoints(ref, run(feeds))
+    finally:
+        if original is not None:
+            module.image_size = original
     return results

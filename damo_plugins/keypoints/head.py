@@ -5,11 +5,21 @@ channels, x2 bilinear upsampling -> 56 x 56 logits; fed by ROIAlignV2 (14 x 14, 
 sampling) on FPN levels P2..P5 with Detectron2's level assignment (canonical box 224 at
 level 4), and followed by :func:`heatmaps_to_keypoints`. Output ``[R, K, 3]`` = (x, y, score),
 what ``keypoint_rcnn_inference`` keeps. One image per call (batch index 0).
+
+Parameter names are Detectron2's (``conv_fcn1`` .. ``conv_fcnN``, ``score_lowres``), so a
+Detectron2 checkpoint's ``roi_heads.keypoint_head.*`` entries load by name
+(:meth:`KeypointRCNNHead.load_detectron2`). The FPN inputs have dynamic height and width.
+The x2 upsampling is written as slices and weighted sums rather than ``Resize``: same numbers,
+and OpenVINO's CPU plugin then keeps the deconvolution, the upsampling and the
+post-processing in f32 under its bf16 default (its "graph tail" rule stops at the last
+convolution, MatMul or Interpolate).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +42,7 @@ class KeypointRCNNHead(nn.Module):
         conv_dims: Sequence[int] = (512,) * 8,
         image_size: int = 256,
         pooler_resolution: int = 14,
-        postprocess: str = "loop",
+        postprocess: str = "vectorized",
     ) -> None:
         super().__init__()
         if postprocess not in METHODS:
@@ -45,12 +55,11 @@ class KeypointRCNNHead(nn.Module):
         self.poolers = nn.ModuleList(
             ROIAlign((pooler_resolution, pooler_resolution), 1.0 / s, 0) for s in self.strides
         )
-        layers: list[nn.Module] = []
         channels = in_channels
-        for dim in conv_dims:
-            layers += [nn.Conv2d(channels, dim, 3, padding=1), nn.ReLU()]
+        self.num_convs = len(conv_dims)
+        for i, dim in enumerate(conv_dims, 1):
+            self.add_module(f"conv_fcn{i}", nn.Conv2d(channels, dim, 3, padding=1))
             channels = dim
-        self.convs = nn.Sequential(*layers)
         self.score_lowres = nn.ConvTranspose2d(channels, num_keypoints, 4, stride=2, padding=1)
         for name, param in self.named_parameters():
             if name.endswith("bias"):
@@ -59,19 +68,29 @@ class KeypointRCNNHead(nn.Module):
                 nn.init.kaiming_normal_(param, mode="fan_out", nonlinearity="relu")
 
     def pool(self, features: Sequence[Tensor], boxes: Tensor) -> Tensor:
-        """Detectron2's ROIPooler: each box pooled from level floor(4 + log2(sqrt(area)/224))."""
+        """Detectron2's ROIPooler: each box pooled from level floor(4 + log2(sqrt(area)/224)).
+
+        Levels are combined with ``where``, not by multiplying with 0/1 masks: a NaN from one
+        level (OpenVINO's RoiAlign on an empty box) must not leak into the chosen one.
+        """
         area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=0)
         level = torch.floor(4 + torch.log2(area.sqrt() / 224 + 1e-8)).clamp(2, 5) - 2
         rois = torch.cat([torch.zeros_like(boxes[:, :1]), boxes], 1)
         pooled = None
         for i, (pooler, feat) in enumerate(zip(self.poolers, features)):
-            part = pooler(feat, rois) * (level == i).to(feat.dtype)[:, None, None, None]
-            pooled = part if pooled is None else pooled + part
+            part = pooler(feat, rois)
+            pooled = (
+                part
+                if pooled is None
+                else torch.where((level == i)[:, None, None, None], part, pooled)
+            )
         return pooled
 
     def heatmaps(self, features: Sequence[Tensor], boxes: Tensor) -> Tensor:
-        x = self.score_lowres(self.convs(self.pool(features, boxes)))
-        return nn.functional.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+        x = self.pool(features, boxes)
+        for i in range(1, self.num_convs + 1):
+            x = torch.relu(getattr(self, f"conv_fcn{i}")(x))
+        return upsample2x_bilinear(self.score_lowres(x))
 
     def forward(self, p2: Tensor, p3: Tensor, p4: Tensor, p5: Tensor, boxes: Tensor) -> Tensor:
         maps = self.heatmaps((p2, p3, p4, p5), boxes)
@@ -91,7 +110,47 @@ class KeypointRCNNHead(nn.Module):
         return (*feats, person_boxes(num_rois, self.image_size, g))
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
-        return {"boxes": {0: "R"}, "keypoints": {0: "R"}}
+        axes: dict[str, dict[int, str]] = {"boxes": {0: "R"}, "keypoints": {0: "R"}}
+        for name in self.input_names[:4]:
+            axes[name] = {2: f"{name}_h", 3: f"{name}_w"}
+        return axes
+
+    # ------------------------------------------------------------------- weights
+    def load_detectron2(self, source: str | Path | Mapping[str, Any]) -> list[str]:
+        """Load ``roi_heads.keypoint_head.*`` from a Detectron2 checkpoint (file or mapping).
+
+        ``.pkl`` files are read with a numpy-only unpickler and ``.pth`` with
+        ``torch.load(weights_only=True)``; returns the unused names under the prefix.
+        """
+        from damo_plugins.keypoints.weights import (
+            KEYPOINT_HEAD_PREFIX,
+            load_into,
+            read_checkpoint,
+            state_dict_of,
+        )
+
+        state = state_dict_of(source) if isinstance(source, Mapping) else read_checkpoint(source)
+        return load_into(self, state, KEYPOINT_HEAD_PREFIX)
+
+
+def upsample2x_bilinear(x: Tensor) -> Tensor:
+    """``F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)`` as slices.
+
+    Output ``2i`` is ``0.25 * in[i-1] + 0.75 * in[i]`` and ``2i+1`` is ``0.75 * in[i] +
+    0.25 * in[i+1]`` along each axis, edges repeated: the same weights PyTorch uses.
+    """
+
+    def along(t: Tensor, dim: int) -> Tensor:
+        n = t.shape[dim]
+        prev = torch.cat([t.narrow(dim, 0, 1), t.narrow(dim, 0, n - 1)], dim)
+        nxt = torch.cat([t.narrow(dim, 1, n - 1), t.narrow(dim, n - 1, 1)], dim)
+        even = 0.25 * prev + 0.75 * t
+        odd = 0.75 * t + 0.25 * nxt
+        shape = list(t.shape)
+        shape[dim] = 2 * n
+        return torch.stack([even, odd], dim + 1).reshape(shape)
+
+    return along(along(x, 3), 2)
 
 
 def person_boxes(num: int, image_size: float, generator: torch.Generator) -> Tensor:
@@ -103,9 +162,15 @@ def person_boxes(num: int, image_size: float, generator: torch.Generator) -> Ten
     return torch.stack([x0, y0, x0 + w, y0 + h], 1)
 
 
-def build_keypoint_rcnn_head(**kwargs: object) -> KeypointRCNNHead:
-    """Builder for ``keypoint-rcnn-head`` (Detectron2 defaults; random weights)."""
-    return KeypointRCNNHead(**kwargs)  # type: ignore[arg-type]
+def build_keypoint_rcnn_head(
+    weights: str | Path | None = None, **kwargs: object
+) -> KeypointRCNNHead:
+    """Builder for ``keypoint-rcnn-head`` (Detectron2 defaults); random weights unless
+    ``weights`` names a Detectron2 checkpoint (``.pkl`` or ``.pth``)."""
+    head = KeypointRCNNHead(**kwargs)  # type: ignore[arg-type]
+    if weights is not None:
+        head.load_detectron2(weights)
+    return head
 
 
 build_keypoint_rcnn_head.default_input_shape = None  # type: ignore[attr-defined]

@@ -7,6 +7,12 @@ by -0.5 pixel and not clamped to a minimum size; ``sampling_ratio = 0`` takes
 ``ceil(bin size)`` samples per bin (adaptive). When exported, the module becomes one
 ``RoiAlign`` node (the eager code below only defines the numbers); at opset < 16 RoiAlign has
 no ``half_pixel`` and would silently be misaligned, so export refuses it.
+
+Empty boxes: with adaptive sampling a box of zero or negative width or height has no
+sampling points, and torchvision (and ONNX Runtime) return zeros for it; OpenVINO's
+``RoiAlign`` returns NaN (measured, 2026.4). Detectron2 clips boxes to the image without
+dropping empty ones, so such boxes reach the layer: :class:`ROIAlign` therefore puts a
+``Where`` after the node that returns zeros for them, in every runtime.
 """
 
 from __future__ import annotations
@@ -119,10 +125,11 @@ class ROIAlign(nn.Module):
             raise DamoError(
                 f"ROIAlign takes rois [R, 5] (batch index, x0, y0, x1, y1), got {list(rois.shape)}"
             )
-        return _RoiAlignFunction.apply(
-            features,
-            rois.to(features.dtype),
-            *self.output_size,
-            self.spatial_scale,
-            self.sampling_ratio,
+        rois = rois.to(features.dtype)
+        pooled = _RoiAlignFunction.apply(
+            features, rois, *self.output_size, self.spatial_scale, self.sampling_ratio
         )
+        if self.sampling_ratio > 0:
+            return pooled  # fixed sampling samples even inverted boxes, as torchvision does
+        nonempty = (rois[:, 3] > rois[:, 1]) & (rois[:, 4] > rois[:, 2])
+        return torch.where(nonempty[:, None, None, None], pooled, torch.zeros_like(pooled))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Literal
 
 from pydantic import Field
@@ -17,13 +18,16 @@ from pydantic import Field
 from damo_plugins.core.artifact import ModelArtifact, onnx_artifact
 from damo_plugins.core.errors import DamoError
 from damo_plugins.core.hookspecs import hookimpl
+from damo_plugins.core.lazy import lazy
 from damo_plugins.core.passes import Pass, PassConfig, PassContext
 from damo_plugins.core.verify import Verification
 
 
 class KeypointsConfig(PassConfig):
     opset: int = Field(17, ge=16, le=18, description="ONNX opset (16–18)")
-    method: Literal["pruned", "loop"] = Field("loop", description="post-processing form")
+    method: Literal["vectorized", "pruned", "loop"] = Field(
+        "vectorized", description="post-processing form"
+    )
     verify_rois: list[int] = Field([0, 1, 4, 100], description="ROI counts checked")
     backends: list[Literal["onnxruntime", "openvino"]] = ["onnxruntime", "openvino"]
     min_agreement: float = Field(1.0, ge=0, le=1, description="argmax agreement required")
@@ -81,9 +85,14 @@ def damo_passes() -> list[type[Pass]]:
 
 @hookimpl
 def damo_models() -> dict[str, Any]:
-    from damo_plugins.keypoints.head import build_keypoint_rcnn_head
+    # lazy: keypoints.head imports torch, which only building the model needs
+    return {"keypoint-rcnn-head": lazy(_heads, "build_keypoint_rcnn_head")}
 
-    return {"keypoint-rcnn-head": build_keypoint_rcnn_head}
+
+def _heads() -> ModuleType:
+    from damo_plugins.keypoints import head
+
+    return head
 
 
 @hookimpl
@@ -94,7 +103,12 @@ def damo_cli(subparsers: argparse._SubParsersAction) -> None:
     exp.add_argument("model", nargs="?", default="keypoint-rcnn-head", help="registered name")
     exp.add_argument("-o", "--output", required=True, help="ONNX file to write")
     exp.add_argument("--opset", type=int, default=17, help="ONNX opset, 16–18 (default 17)")
-    exp.add_argument("--method", choices=["pruned", "loop"], default="loop")
+    exp.add_argument("--method", choices=["vectorized", "pruned", "loop"], default="vectorized")
+    exp.add_argument(
+        "--weights",
+        help="Detectron2 checkpoint (.pkl model zoo or .pth) whose roi_heads.keypoint_head.* "
+        "to load; .pkl is read with a numpy-only unpickler, .pth with weights_only=True",
+    )
     exp.add_argument(
         "--postprocess-only",
         action="store_true",
@@ -131,12 +145,26 @@ def cli_export(args: argparse.Namespace) -> int:
 
         builder = get_manager().get_model_builder(args.model)
         module = builder(num_keypoints=args.num_keypoints, postprocess=args.method)
+        if args.weights:
+            if not hasattr(module, "load_detectron2"):
+                raise DamoError(f"model '{args.model}' cannot load Detectron2 weights")
+            unused = module.load_detectron2(args.weights)
+            print(f"loaded {args.weights} ({len(unused)} unused keypoint-head entries)")
         rois = [0, 1, 4]
         proto = export_keypoint_model(module, opset=args.opset)
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as tmp:
         Path(tmp).write_bytes(proto.SerializeToString())
     print(f"wrote {target} (opset {args.opset}, {args.method} post-processing)")
+    if not args.postprocess_only or args.method != "vectorized":
+        from damo_plugins.keypoints.export import OPENVINO_F32_CONFIG
+
+        # the head's convolutions and box arithmetic precede the f32 graph tail (see docs)
+        print(
+            "  OpenVINO: compile with "
+            f"core.compile_model(model, 'CPU', {OPENVINO_F32_CONFIG!r}) for f32 keypoints; "
+            "the default on bf16-capable CPUs rounds boxes and heatmaps to bf16"
+        )
     if not args.no_verify:
         for backend, per_r in verify_keypoint_model(module, proto, rois).items():
             for r, m in per_r.items():

@@ -24,7 +24,11 @@ from damo_plugins.keypoints.export import (
     verify_keypoint_model,
 )
 from damo_plugins.keypoints.head import KeypointRCNNHead
-from damo_plugins.keypoints.postprocess import heatmaps_to_keypoints, heatmaps_to_keypoints_loop
+from damo_plugins.keypoints.postprocess import (
+    heatmaps_to_keypoints,
+    heatmaps_to_keypoints_loop,
+    heatmaps_to_keypoints_vectorized,
+)
 from damo_plugins.keypoints.roi_align import ROIAlign
 
 K = 5  # keypoints: fewer than COCO's 17 keeps the suite fast; nothing depends on K
@@ -92,7 +96,9 @@ def data() -> dict[str, tuple[torch.Tensor, torch.Tensor, np.ndarray]]:
     return {name: (m, r, reference(m, r)) for name, (m, r) in cases().items()}
 
 
-@pytest.mark.parametrize("fn", [heatmaps_to_keypoints, heatmaps_to_keypoints_loop])
+@pytest.mark.parametrize(
+    "fn", [heatmaps_to_keypoints, heatmaps_to_keypoints_loop, heatmaps_to_keypoints_vectorized]
+)
 def test_torch_matches_reference(fn, data) -> None:
     for name, (maps, rois, ref) in data.items():
         out = fn(maps, rois).numpy()
@@ -104,6 +110,8 @@ def test_torch_matches_reference(fn, data) -> None:
 def graphs() -> dict[tuple[str, int], onnx.ModelProto]:
     out = {("pruned", o): export_postprocess(o, "pruned", K) for o in (16, 17, 18)}
     out[("loop", 17)] = export_postprocess(17, "loop", K)
+    out[("vectorized", 16)] = export_postprocess(16, "vectorized", K)
+    out[("vectorized", 18)] = export_postprocess(18, "vectorized", K)
     return out
 
 
@@ -115,9 +123,21 @@ def test_postprocess_graph_interface(graphs) -> None:
     assert ins["rois"].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert not [n for n in proto.graph.node if n.op_type in ("Loop", "Scan", "Resize")]
     assert [n for n in graphs[("loop", 17)].graph.node if n.op_type == "Loop"]
+    ops = {n.op_type for n in graphs[("vectorized", 18)].graph.node}
+    assert not ops & {"Resize", "MatMul", "Gemm", "Conv", "ConvTranspose"}, ops
 
 
-@pytest.mark.parametrize("key", [("pruned", 16), ("pruned", 17), ("pruned", 18), ("loop", 17)])
+@pytest.mark.parametrize(
+    "key",
+    [
+        ("pruned", 16),
+        ("pruned", 17),
+        ("pruned", 18),
+        ("loop", 17),
+        ("vectorized", 16),
+        ("vectorized", 18),
+    ],
+)
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
 def test_exported_postprocess(graphs, data, key, backend) -> None:
     run = (ort_runner if backend == "onnxruntime" else openvino_runner)(graphs[key])
@@ -140,7 +160,7 @@ def test_exported_postprocess(graphs, data, key, backend) -> None:
     ],
 )
 def test_bad_input_is_a_clear_error(maps, rois, words) -> None:
-    for fn in (heatmaps_to_keypoints, heatmaps_to_keypoints_loop):
+    for fn in (heatmaps_to_keypoints, heatmaps_to_keypoints_loop, heatmaps_to_keypoints_vectorized):
         with pytest.raises(DamoError, match=words.replace("[", r"\[").replace("]", r"\]")):
             fn(maps, rois)
 
