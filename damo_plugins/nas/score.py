@@ -20,19 +20,21 @@ alibaba/lightweight-neural-architecture-search); it costs microseconds.
 bypassed, weights ``N(0, 1)``) on a Gaussian batch, divides each unit's output by its std and
 accumulates the log stds, averaged over seeded repeats. Zero padding makes the measured stds
 slightly smaller than the closed form, most at small feature maps; otherwise the two agree,
-which the tests check. It runs in worker processes.
+which the tests check. Its forward passes are executor tasks
+(:mod:`damo_plugins.lib.executors`): local worker processes by default, or Ray.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
+from typing import TYPE_CHECKING
 
 from damo_plugins.core.errors import DamoError
 from damo_plugins.nas.analysis import Analyzer, Genome, Structure, analyzer_for, join
+
+if TYPE_CHECKING:  # pragma: no cover
+    from damo_plugins.lib.executors import Executor
 
 #: DAMO-YOLO's stage weights (configs/damoyolo/*.py upstream: multi_block_ratio)
 DAMO_ALPHA: tuple[float, ...] = (0.0, 0.0, 1.0, 1.0, 16.0)
@@ -122,14 +124,15 @@ def _entropy_once(
         return net.entropy_forward(x)
 
 
-def _worker_init() -> None:
-    import torch
-
-    torch.set_num_threads(1)
+def _entropy_task(task: tuple[Structure, bool, int, int, int]) -> list[float]:
+    """One (structure, repeat) forward pass, as an executor task (picklable by reference)."""
+    return _entropy_once(*task)
 
 
 def default_workers() -> int:
-    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2))
+    from damo_plugins.lib.executors import default_workers as workers
+
+    return workers()
 
 
 def entropy_scores(
@@ -142,12 +145,16 @@ def entropy_scores(
     repeats: int = 4,
     workers: int | None = None,
     seed: int = 0,
+    executor: Executor | None = None,
 ) -> list[float]:
     """Forward entropy score of each structure, averaged over ``repeats`` fixed seeds.
 
-    The (structure, repeat) forward passes are spread over ``workers`` processes (one torch
-    thread each, which is faster on few cores than one process with several threads for
-    these small convolutions). ``workers=0`` runs in this process.
+    The (structure, repeat) forward passes are independent tasks. Repeat ``r`` of every
+    structure uses seed ``seed + r`` whatever runs it, so a score does not depend on the
+    worker, the batch it came in or the executor (local pool or Ray): a search gives the
+    same result everywhere. Without ``executor`` they are spread over ``workers`` local
+    processes (one torch thread each, which is faster on few cores than one process with
+    several threads for these small convolutions); ``workers=0`` runs in this process.
     """
     analyzers = []
     for st in structures:
@@ -155,16 +162,17 @@ def entropy_scores(
         check_alpha(an, alpha)
         analyzers.append((an, genome))
     tasks = [(st, focus, resolution, batch, seed + r) for st in structures for r in range(repeats)]
-    workers = default_workers() if workers is None else workers
-    if workers <= 0 or len(tasks) == 1:
-        results = [_entropy_once(*t) for t in tasks]
+    if executor is not None:
+        results = executor.map(_entropy_task, tasks)
     else:
-        with ProcessPoolExecutor(
-            max_workers=min(workers, len(tasks)),
-            mp_context=get_context("spawn"),
-            initializer=_worker_init,
-        ) as pool:
-            results = list(pool.map(_entropy_once, *zip(*tasks)))
+        workers = default_workers() if workers is None else workers
+        if workers <= 0 or len(tasks) == 1:
+            results = [_entropy_task(t) for t in tasks]
+        else:
+            from damo_plugins.lib.executors import LocalExecutor
+
+            with LocalExecutor(min(workers, len(tasks))) as pool:
+                results = pool.map(_entropy_task, tasks)
     scores = []
     for j, (an, genome) in enumerate(analyzers):
         runs = results[j * repeats : (j + 1) * repeats]

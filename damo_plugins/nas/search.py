@@ -7,8 +7,12 @@ first (layers, then the analytic params/FLOPs/feature map, then the latency tabl
 analytic ``madnas`` score costs microseconds, so 500,000 candidates take a few minutes in
 one Python process — no need for upstream's MPI workers.
 
-With ``entropy`` (a forward pass per candidate) children are made in batches and scored in
-worker processes; the batch is the only difference.
+With ``entropy`` (a forward pass per candidate) children are made in batches and scored as
+independent tasks of an executor (:mod:`damo_plugins.lib.executors`): local worker processes
+by default, or Ray tasks with ``ray`` (``local``, ``auto`` or a cluster address). A
+candidate's score does not depend on where it ran (fixed per-repeat seeds), so a search on
+Ray finds the same structure with the same score as a local one. The analytic ``madnas``
+score always runs here: a task would cost a thousand times more than the score.
 
 Everything random comes from one ``random.Random(seed)``; its state is saved in each
 checkpoint with the population, so a resumed search continues exactly as an uninterrupted
@@ -28,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from damo_plugins.core.errors import DamoError
+from damo_plugins.lib.executors import Executor, ExecutorError
 from damo_plugins.models.structure import Structure, dumps_json, dumps_text, validate_structure
 from damo_plugins.nas.analysis import ANALYSIS_VERSION, Genome, Metrics, join
 from damo_plugins.nas.latency import LatencyTable
@@ -80,6 +85,9 @@ class SearchConfig:
     entropy_repeats: int = 4
     workers: int | None = None
     batch: int = 8
+    #: entropy only: run the scoring on Ray (``local``, ``auto``, an address; ``None``: the
+    #: ``DAMO_RAY_ADDRESS`` environment variable, else local processes)
+    ray: str | None = None
 
     def __post_init__(self) -> None:
         if self.score not in ("madnas", "entropy"):
@@ -136,7 +144,10 @@ class Search:
             validate_structure(init), config.resolution, config.focus, budgets.layers
         )
         check_alpha(self.analyzer, config.alpha)
-        self.init_member = self._evaluate_one(genome, score=True)
+        # The entropy score of the initial structure is computed at the start of run(), by
+        # the executor that scores the children (no worker pool or cluster in __init__).
+        self.init_member = self._evaluate_one(genome, score=config.score == "madnas")
+        self._executor: Executor | None = None
         why = self._violations(self.init_member)
         if why:
             raise DamoError(
@@ -167,6 +178,7 @@ class Search:
             repeats=c.entropy_repeats,
             workers=c.workers,
             seed=c.seed,
+            executor=self._executor,
         )
 
     # ------------------------------------------------------------------ the loop
@@ -175,6 +187,47 @@ class Search:
         outdir: str | Path | None = None,
         resume: str | Path | None = None,
         progress: bool = False,
+        executor: Executor | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> SearchResult:
+        """Search; with ``outdir``, checkpoint every ``checkpoint_every`` candidates.
+
+        ``executor`` scores entropy candidates (default: one opened from the config's ``ray``
+        and ``workers`` for this run and closed after it). If the executor fails (a lost
+        cluster), the state before the unfinished batch is saved as the checkpoint and the
+        error says how to resume: the resumed search ends exactly as an uninterrupted one.
+        """
+        c = self.config
+        if c.score != "entropy":
+            return self._run(outdir, resume, progress)
+        from damo_plugins.lib.executors import open_executor
+
+        own = executor is None
+        self._executor = open_executor(c.ray, c.workers) if executor is None else executor
+        if log is not None:
+            log(f"scoring entropy candidates on {self._executor.describe()}")
+        try:
+            if math.isnan(self.init_member.score):
+                try:
+                    self.init_member.score = self._scores([self.init_member.genome])[0]
+                except ExecutorError as exc:  # before the loop: no new state to save
+                    what = (
+                        "checkpoint is unchanged" if resume is not None else "search had not begun"
+                    )
+                    raise ExecutorError(
+                        exc.message, f"the {what}: re-run the same command"
+                    ) from None
+            return self._run(outdir, resume, progress)
+        finally:
+            if own:
+                self._executor.close()
+            self._executor = None
+
+    def _run(
+        self,
+        outdir: str | Path | None,
+        resume: str | Path | None,
+        progress: bool,
     ) -> SearchResult:
         c = self.config
         rng = random.Random(c.seed)
@@ -207,6 +260,7 @@ class Search:
         outdir = Path(outdir) if outdir is not None else None
         curve_every = max(1, c.iterations // max(1, c.curve_points))
         batch = 1 if c.score == "madnas" else c.batch
+        scored_remotely = c.score == "entropy"
         analyzer, budgets, latency, mutate = (
             self.analyzer,
             self.budgets,
@@ -219,6 +273,8 @@ class Search:
         next_ckpt = (it // c.checkpoint_every + 1) * c.checkpoint_every
         try:
             while it < c.iterations:
+                if scored_remotely:  # the state a failed batch falls back to (see run)
+                    before = (rng.getstate(), it, evaluated, rejected, dups, len(curve))
                 children: list[tuple[Genome, Metrics, float | None]] = []
                 fresh: set[Genome] = set()
                 while len(children) < batch and it < c.iterations:
@@ -243,7 +299,30 @@ class Search:
                     if it % 2048 == 0:
                         bar.update(it, -keys[0])
                 if children:
-                    scores = self._scores([g for g, _, _ in children])
+                    try:
+                        scores = self._scores([g for g, _, _ in children])
+                    except ExecutorError as exc:
+                        if outdir is None:
+                            raise
+                        state, it0, ev0, rej0, dup0, ncurve = before
+                        rng.setstate(state)
+                        path = outdir / "checkpoint.json"
+                        self._save(
+                            path,
+                            rng,
+                            it0,
+                            ev0,
+                            rej0,
+                            dup0,
+                            curve[:ncurve],
+                            pop,
+                            elapsed + time.perf_counter() - t0,
+                        )
+                        raise ExecutorError(
+                            exc.message,
+                            f"the search is saved at candidate {it0:,}: re-run the same "
+                            f"command with --resume {path}",
+                        ) from None
                     evaluated += len(children)
                     for (g, m, lat), s in zip(children, scores):
                         j = bisect.bisect_right(keys, -s)
@@ -317,6 +396,19 @@ class Search:
             "focus": c.focus,
             "population": c.population,
             "seed": c.seed,
+            # entropy scores depend on these too: a resume with others would mix scales
+            **(
+                {
+                    "entropy": {
+                        "resolution": c.entropy_resolution,
+                        "batch": c.entropy_batch,
+                        "repeats": c.entropy_repeats,
+                        "search_batch": c.batch,
+                    }
+                }
+                if c.score == "entropy"
+                else {}
+            ),
         }
 
     def _check_resume(self, state: dict[str, Any]) -> None:

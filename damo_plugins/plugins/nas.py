@@ -191,6 +191,11 @@ def build_search(args: argparse.Namespace) -> Any:
         kind=args.space, kernels=args.kernels, channel_ranges=ranges, mutations=args.mutations
     )
     iterations = args.iterations or (500_000 if args.score == "madnas" else 256)
+    if args.ray is not None and args.score == "madnas":
+        _log("note: --ray applies to --score entropy; the analytic madnas score runs here")
+    # entropy candidates cost seconds each: checkpoint often by default, so a killed driver
+    # or a lost cluster loses little (madnas: every 50,000 as before)
+    checkpoint_every = args.checkpoint_every or (50_000 if args.score == "madnas" else 32)
     config = SearchConfig(
         population=args.population,
         iterations=iterations,
@@ -199,8 +204,10 @@ def build_search(args: argparse.Namespace) -> Any:
         alpha=args.alpha or DAMO_ALPHA,
         resolution=args.resolution,
         focus=focus,
-        checkpoint_every=args.checkpoint_every,
+        checkpoint_every=checkpoint_every,
         workers=args.workers,
+        ray=args.ray if args.score == "entropy" else None,
+        batch=args.search_batch,
         entropy_resolution=args.entropy_resolution,
         entropy_batch=args.entropy_batch,
         entropy_repeats=args.repeats,
@@ -246,7 +253,10 @@ def cmd_search(args: argparse.Namespace) -> int:
         f"budgets: " + ", ".join(f"{k}={v}" for k, v in vars(b).items() if v is not None)
     )
     result = search.run(
-        outdir=outdir, resume=resume, progress=not args.no_progress and sys.stderr.isatty()
+        outdir=outdir,
+        resume=resume,
+        progress=not args.no_progress and sys.stderr.isatty(),
+        log=_log,
     )
     files = write_outputs(result, search, outdir, log=_log)
     best = result.best
@@ -400,7 +410,26 @@ def damo_cli(subparsers: argparse._SubParsersAction) -> None:
         "--iterations", type=_positive_int, help="candidates (default 500000 madnas, 256 entropy)"
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=_positive_int, default=50_000)
+    p.add_argument(
+        "--checkpoint-every",
+        type=_positive_int,
+        help="candidates between checkpoints (default 50000 madnas, 32 entropy)",
+    )
+    p.add_argument(
+        "--search-batch",
+        type=_positive_int,
+        default=8,
+        help="entropy: children scored together (default 8); each is --repeats tasks, so "
+        "raise it to keep a cluster's CPUs busy (it changes the search path, not equality "
+        "between local and Ray)",
+    )
+    p.add_argument(
+        "--ray",
+        metavar="local|auto|ADDRESS",
+        help="score entropy candidates as Ray tasks: 'local' (a private Ray instance for this "
+        "run), 'auto' (the cluster Ray finds) or a cluster address; default: $DAMO_RAY_ADDRESS, "
+        "else local worker processes. Needs damo-plugins[ray]",
+    )
     p.add_argument("--resume", help="checkpoint.json (or its folder) of an interrupted search")
     p.add_argument("-o", "--output", default="runs/nas", help="output folder (default runs/nas)")
     p.add_argument(
