@@ -210,6 +210,9 @@ def _entry(
         "step": name,
         "config": config,
         "format": art.format,
+        # weights/arithmetic precision of the model (quantize sets it from the graph's own
+        # quantize ops: an FP32 result of reverted quantization is never called int8)
+        "precision": art.meta.get("precision", "fp32"),
         "params": art.param_count(),
         # ONNX/IR artifacts cannot be counted; they compute what the PyTorch model they came
         # from computes (format changes and quantization keep the operations), so inherit.

@@ -53,15 +53,16 @@ def markdown(rep: Mapping[str, Any]) -> str:
         lines.append(f"- error: {rep['error']}")
     lines += [
         "",
-        "| # | step | format | params | FLOPs | size | mAP | mAP@.5 | latency (ms) "
+        "| # | step | format | precision | params | FLOPs | size | mAP | mAP@.5 | latency (ms) "
         "| verification | time (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in rep.get("steps", []):
         lat = latency_ms(s)
         ev = (s.get("metrics") or {}).get("evaluation") or {}
         lines.append(
-            f"| {s['index']} | {s['step']} | {s['format']} | {human(s.get('params'))} | "
+            f"| {s['index']} | {s['step']} | {s['format']} | {s.get('precision') or '—'} | "
+            f"{human(s.get('params'))} | "
             f"{human(s.get('flops'))} | {human(s.get('size_bytes'), 'B')} | "
             f"{_num(ev.get('mAP'), 4)} | {_num(ev.get('mAP50'), 4)} | {_num(lat, 2)} | "
             f"{_verification(s.get('verification'))} | {s['seconds']:.2f} |"

@@ -133,9 +133,9 @@ def coco_source(spec: Any) -> tuple[Path, Path] | None:
 
 
 def labelled_validation(
-    spec: Any, input_shape: Sequence[Any] | None, size: int
+    spec: Any, input_shape: Sequence[Any] | None, size: int | None = None
 ) -> LabelledDetections | None:
-    """The first ``size`` images of a COCO validation source, preprocessed for the model.
+    """The first ``size`` images (all when ``None``) of a COCO validation source, preprocessed.
 
     ``None`` if ``spec`` is not labelled detection data (see :func:`coco_source`).
     Preprocessing is DAMO-YOLO's evaluation (and our ``evaluate`` step's): longer side to the
@@ -156,7 +156,7 @@ def labelled_validation(
             "give --input-shape 1,3,S,S",
         )
     dataset = CocoDetection(folder, ann, int(shape[2]), augment=False)
-    n = min(size, len(dataset))
+    n = len(dataset) if size is None else min(size, len(dataset))
     if n == 0:
         raise DamoError(f"{ann} lists no images", "give a validation set with labelled images")
     images, infos = [], []

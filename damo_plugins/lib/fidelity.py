@@ -145,3 +145,60 @@ def as_feeds(item: Any) -> list[np.ndarray]:
     return [np.asarray(x) for x in item]
 
 
+#: ONNX ops that carry INT8 arithmetic or its quantize/dequantize boundary
+ONNX_QUANTIZED = frozenset(
+    {
+        "QuantizeLinear",
+        "QLinearConv",
+        "QLinearMatMul",
+        "ConvInteger",
+        "MatMulInteger",
+        "DynamicQuantizeLinear",
+    }
+)
+#: ops quantization is about (what a quantizer could make INT8)
+ONNX_QUANTIZABLE = frozenset(
+    {
+        "Conv",
+        "ConvTranspose",
+        "MatMul",
+        "Gemm",
+        "QLinearConv",
+        "ConvInteger",
+        "QLinearMatMul",
+        "MatMulInteger",
+    }
+)
+OV_QUANTIZABLE = ("Convolution", "GroupConvolution", "ConvolutionBackpropData", "MatMul")
+
+
+def quantized_ops(artifact: ModelArtifact) -> dict[str, int]:
+    """How much of a model is really quantized: counted in its graph, whatever a backend said.
+
+    ``quantized_ops``: quantize operations (ONNX ``QuantizeLinear``/``QLinear*``/``*Integer``;
+    OpenVINO ``FakeQuantize`` plus 8/4-bit weight constants of weight-only compression);
+    ``quantizable_ops``: convolutions and matrix products. Accuracy control can revert every
+    quantizer and hand back an FP32 graph; this count is what stops such a model from being
+    called INT8.
+    """
+    if artifact.format == "onnx":
+        ops = [n.op_type for n in artifact.model.graph.node]
+        return {
+            "quantized_ops": sum(op in ONNX_QUANTIZED for op in ops),
+            "quantizable_ops": sum(op in ONNX_QUANTIZABLE for op in ops),
+        }
+    if artifact.format == "openvino":
+        from damo_plugins.lib.openvino_graph import count_types
+
+        model = artifact.model
+        low_bit = sum(
+            1
+            for op in model.get_ordered_ops()
+            if op.get_type_name() == "Constant"
+            and op.get_output_element_type(0).get_type_name() in ("i8", "u8", "i4", "u4", "nf4")
+        )
+        return {
+            "quantized_ops": count_types(model, "FakeQuantize") + low_bit,
+            "quantizable_ops": count_types(model, *OV_QUANTIZABLE),
+        }
+    return {"quantized_ops": 0, "quantizable_ops": 0}

@@ -91,6 +91,9 @@ def test_nncf_map_accuracy_control_on_the_trained_model(
     assert q["quantize_linear"] > 50  # still an INT8 model, not everything reverted
     ver = step["verification"]
     assert ver["passed"], ver["message"]
+    # the images accuracy control decided on are called the control set, never held out
+    assert ver["compared_on"] == "control-set" and "control-set inputs" in ver["message"]
+    assert step["precision"] == "int8" and q["quantized_ops"] > 50
     # measured again on the deployed models (PyTorch FP32 vs ONNX Runtime INT8)
     assert ver["mAP_fp32"] > 0.3 and ver["mAP_fp32"] - ver["mAP_int8"] <= 0.02
     assert "mAP@[.5:.95]" in ver["message"]

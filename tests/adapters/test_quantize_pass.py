@@ -51,7 +51,7 @@ def test_passes_keep_no_state_between_run_and_verify(toy_file: Path, tmp_path: P
     mine, fresh = quantize.verify(art, after, ctx), QuantizePass(config).verify(art, after, ctx)
     assert mine.passed and mine.metrics == fresh.metrics
     assert mine.metrics["samples"] == 2  # the 2 calibration samples left after the first 4
-    assert mine.metrics["held_out"].startswith("calibration samples not used")
+    assert mine.metrics["data"].startswith("calibration samples not used")
 
     bench = BenchmarkPass({"adapter": "onnxruntime", "iterations": 3, "warmup": 0})
     bench.run(after, ctx)
@@ -85,7 +85,7 @@ def test_quantize_command_writes_model_and_int8_report(
     step = report["steps"][-1]
     ver = step["verification"]
     assert ver["passed"] and ver["cosine_min"] > 0.97 and "top_detection_agreement" in ver
-    assert ver["held_out"].startswith("calibration samples not used")  # 6 given, 4 used
+    assert ver["data"].startswith("calibration samples not used")  # 6 given, 4 used
     assert step["metrics"]["quantization"]["kept_fp"]
 
 
