@@ -38,7 +38,7 @@ def demo_recipe(quick: bool = False) -> dict[str, Any]:
     images = 24 if quick else 200
     seconds = 1.0 if quick else 5.0
     calib = 16 if quick else 128
-    evaluate = {"evaluate": {"images": images}}
+    evaluate = {"evaluate": {"data": "synthetic", "images": images}}
     bench = {"benchmark": {"adapter": "openvino", "seconds": seconds}}
     if ckpt is not None:
         recipe: dict[str, Any] = {"model": str(ckpt)}

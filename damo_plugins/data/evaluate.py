@@ -260,10 +260,27 @@ def generated_data(images: int, seed: int) -> Path:
     return generate(root, train=0, val=images, seed=seed)
 
 
+#: names of the generated data set the embedded model was trained on
+SYNTHETIC_NAMES = ("synthetic", "generated")
+
+
+def check_classes(predicted: int, dataset: Any) -> None:
+    """A clear error when a detector's classes and a data set's categories differ in number:
+    mAP would silently compare the wrong classes (0.007 instead of an error)."""
+    cats = len(dataset.cat_ids)
+    if predicted != cats:
+        source = getattr(dataset, "annotations", None) or "the data set"
+        raise DamoError(
+            f"the model predicts {predicted} classes but {source} has {cats} categories",
+            "evaluate on data with the model's classes (or a model trained on this data)",
+        )
+
+
 def dataset_for(cfg: Any, img_size: int) -> Any:
     from damo_plugins.data.coco import CocoDetection
 
-    root = generated_data(cfg.images, cfg.seed) if cfg.data == "generated" else Path(cfg.data)
+    synthetic = cfg.data in SYNTHETIC_NAMES
+    root = generated_data(cfg.images, cfg.seed) if synthetic else Path(cfg.data)
     images, annotations = root / cfg.split, root / f"{cfg.split}.json"
     if not annotations.is_file():
         raise DamoError(
@@ -287,6 +304,8 @@ def evaluate_artifact(
         image, _, info = dataset[i]
         outs = artifact.run([image[None].numpy().astype(np.float32)], manager)
         scores, boxes = split_outputs([torch.from_numpy(np.asarray(o)) for o in outs])
+        if i == 0:
+            check_classes(int(scores.shape[-1]), dataset)
         res = postprocess(scores, boxes, conf=cfg.conf, iou=cfg.iou)
         dets += to_coco_detections(res, [info], dataset.cat_ids)
         ids.append(int(info["image_id"]))
