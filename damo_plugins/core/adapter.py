@@ -38,13 +38,14 @@ from pathlib import Path
 from types import MappingProxyType, ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from damo_plugins.core.errors import DamoError, UnsupportedError
 from damo_plugins.core.passes import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+
     from damo_plugins.core.artifact import ModelArtifact
     from damo_plugins.core.manager import PluginManager
 
@@ -66,7 +67,9 @@ class LabelledData(Protocol):
 
     def __len__(self) -> int: ...
     def __getitem__(self, index: int) -> Any: ...
-    def score_outputs(self, outputs: Sequence[Sequence[Any]], indices: Sequence[int] | None = None) -> float: ...
+    def score_outputs(
+        self, outputs: Sequence[Sequence[Any]], indices: Sequence[int] | None = None
+    ) -> float: ...
 
 
 def is_labelled(validation: Any) -> bool:

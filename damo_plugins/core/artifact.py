@@ -19,12 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from damo_plugins.core.errors import DamoError, first_line
 from damo_plugins.core.io import atomic_path, check_input_file
 
 if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
     import onnx
     import torch
 
@@ -101,12 +100,14 @@ class ModelArtifact:
 
     def example_inputs(self, seed: int = 0, batch: int | None = None) -> list[np.ndarray]:
         """Deterministic random inputs matching the input spec (dynamic axes -> 1)."""
+        import numpy as np
         rng = np.random.default_rng(seed)
         feeds = []
         for spec in self.inputs:
             shape = spec.concrete()
             if batch is not None and shape:
                 shape[0] = batch
+            check_elements(shape, f"input '{spec.name}'")
             if spec.dtype.startswith("float"):
                 feeds.append(rng.standard_normal(shape).astype(spec.dtype))
             else:
@@ -117,6 +118,7 @@ class ModelArtifact:
         self, feeds: Sequence[np.ndarray], manager: PluginManager | None = None
     ) -> list[np.ndarray]:
         """One inference on numpy inputs, whatever the format; outputs as a flat list."""
+        import numpy as np
         if self.format == "torch":
             import torch
 
@@ -331,6 +333,8 @@ def load_model(
     """
     if isinstance(spec, ModelArtifact):
         return spec
+    if input_shape:
+        check_elements(list(input_shape), "input shape")
     mgr = _manager(manager)
     # a torch module can only exist if torch is imported: do not import it to find out
     # (an .onnx or .xml model is then loaded without paying for torch)
@@ -461,15 +465,26 @@ def _load_checkpoint(
             raise DamoError(
                 f"{path} is a damaged damo-plugins checkpoint (arch or weights missing)"
             )
-        module = rebuild(arch, mgr)
+        try:
+            specs = {k: [_spec(t) for t in payload.get(k) or []] for k in ("inputs", "outputs")}
+            meta = dict(payload.get("meta") or {})
+            module = rebuild(arch, mgr)
+        except DamoError as exc:
+            raise DamoError(f"{path}: {exc.message}", exc.hint) from exc
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            raise DamoError(
+                f"{path} is a damaged damo-plugins checkpoint ({type(exc).__name__}: "
+                f"{first_line(exc)[:160]})"
+            ) from exc
         _load_state(module, state, path)
+        meta.setdefault("source", str(path.resolve()))  # what the model came from (reports)
         art = ModelArtifact(
             "torch",
             module.eval(),
-            inputs=[TensorSpec.from_dict(t) for t in payload.get("inputs", [])],
-            outputs=[TensorSpec.from_dict(t) for t in payload.get("outputs", [])],
+            inputs=specs["inputs"],
+            outputs=specs["outputs"],
             arch=arch,
-            meta=dict(payload.get("meta") or {}),
+            meta=meta,
         )
         if input_shape:
             art.inputs = [
@@ -482,16 +497,62 @@ def _load_checkpoint(
         isinstance(v, torch.Tensor) for v in state.values()
     ):
         raise DamoError(f"{path} holds neither a damo-plugins checkpoint nor a state_dict")
+    if state and all(k.startswith("module.") for k in state):  # saved from (D)DP
+        state = {k[len("module."):]: v for k, v in state.items()}
     if arch_name is None:
-        raise DamoError(
-            f"{path} holds weights only; the architecture is not recorded",
-            "name it with --arch (e.g. --arch damo-yolo-s)",
-        )
+        arch_name, found = _recognise(path, state, mgr)
+    else:
+        match = getattr(mgr.get_model_builder(arch_name), "match_state_dict", None)
+        found = (match(state) if match is not None else None) or {}
     art = build_model(
-        arch_name, mgr.get_model_builder(arch_name), input_shape=input_shape, model_args=model_args
+        arch_name,
+        mgr.get_model_builder(arch_name),
+        input_shape=input_shape,
+        model_args={**found, **dict(model_args or {})},
     )
     _load_state(art.model, state, path)
+    art.meta["weights_only_checkpoint"] = True
     return art
+
+
+def _recognise(
+    path: Path, state: Mapping[str, Any], mgr: PluginManager
+) -> tuple[str, dict[str, Any]]:
+    """The builder (and its kwargs) whose architecture fits a bare state dict exactly.
+
+    Asks every registered model builder that has a ``match_state_dict(state)`` attribute
+    (returning the builder's keyword arguments, or None); the core knows no architecture
+    itself. A builder whose plugin fails to import is skipped: it cannot be the answer.
+    """
+    matches: list[tuple[str, dict[str, Any]]] = []
+    asked: list[str] = []
+    for c in mgr.contributions("model"):
+        try:
+            match = getattr(c.obj, "match_state_dict", None)
+        except Exception:  # a lazy builder whose module does not import
+            continue
+        if match is None:
+            continue
+        asked.append(c.name)
+        found = match(state)
+        if found is not None:
+            matches.append((c.name, dict(found)))
+    if len(matches) == 1:
+        return matches[0]
+    tops = sorted({str(k).split(".", 1)[0] + ".*" for k in state})
+    if matches:
+        raise DamoError(
+            f"the weights in {path} fit several architectures: "
+            + ", ".join(name for name, _ in matches),
+            "choose one with --arch NAME",
+        )
+    checked = ", ".join(asked) or "no registered builder recognises state dicts"
+    raise DamoError(
+        f"{path} holds weights only and no architecture fits them "
+        f"({len(state)} tensors under {', '.join(tops[:5]) or 'nothing'}; checked: {checked} — "
+        "layout, fused/training-time, classes, width and depth against keys and shapes)",
+        "name the architecture with --arch NAME (and --model-arg for its options)",
+    )
 
 
 def _load_state(module: Any, state: Mapping[str, Any], path: Path) -> None:
@@ -506,15 +567,107 @@ def _load_state(module: Any, state: Mapping[str, Any], path: Path) -> None:
         ) from exc
 
 
+def _spec(record: Any) -> TensorSpec:
+    """A tensor spec from a checkpoint record (data from a file: checked, shape bounded)."""
+    if not isinstance(record, Mapping) or not isinstance(record.get("name"), str):
+        raise ValueError("a tensor record needs a 'name'")
+    shape = record.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, (int, str)) for d in shape):
+        raise ValueError(f"tensor '{record['name']}' has no valid 'shape'")
+    check_elements(shape, f"declared tensor '{record['name']}'")
+    return TensorSpec.from_dict(record)
+
+
 def rebuild(arch: Mapping[str, Any], manager: PluginManager | None = None) -> Any:
-    """Build the architecture an ``arch`` record describes (weights are not restored)."""
+    """Build the architecture an ``arch`` record describes (weights are not restored).
+
+    A record is data from a file: it is checked for shape (a damaged one is a clear error)
+    and built on the meta device first, so a record declaring a 60000x60000 layer or a
+    width of 1e9 is refused by its size before any memory is allocated.
+    """
     mgr = _manager(manager)
-    builder = mgr.get_model_builder(arch["builder"])
-    module = builder(**dict(arch.get("kwargs") or {}))
-    for t in arch.get("transforms") or []:
-        pass_cls = mgr.get_pass(t["pass"])
-        module = pass_cls.replay(module, t.get("record") or {})
-    return module.eval()
+    builder_name, kwargs, transforms = _arch_parts(arch)
+    builder = mgr.get_model_builder(builder_name)
+
+    def build() -> Any:
+        module = builder(**kwargs)
+        for t in transforms:
+            module = mgr.get_pass(t["pass"]).replay(module, t.get("record") or {})
+        return module
+
+    import torch
+
+    try:
+        with torch.device("meta"):
+            probe = build()
+    except DamoError:
+        raise
+    except Exception as exc:  # a builder that cannot run on meta: built for real below
+        if "overflow" in str(exc):  # sizes too large even to describe
+            check_elements(max_elements() + 1, "the model's weights")
+        probe = None
+    if probe is not None:
+        check_elements(sum(t.numel() for t in probe.state_dict().values()), "the model's weights")
+    try:
+        return build().eval()
+    except DamoError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as exc:
+        raise DamoError(
+            f"the architecture record ({builder_name}) cannot be built: "
+            f"{type(exc).__name__}: {first_line(exc)[:200]}"
+        ) from exc
+
+
+def _arch_parts(arch: Any) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
+    """Builder name, keyword arguments and transforms of an ``arch`` record, checked."""
+    if not isinstance(arch, Mapping) or not isinstance(arch.get("builder"), str):
+        raise DamoError("damaged architecture record: 'builder' must be a model name")
+    kwargs = arch.get("kwargs") or {}
+    if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+        raise DamoError("damaged architecture record: 'kwargs' must be a mapping of names")
+    transforms = arch.get("transforms") or []
+    if not isinstance(transforms, list) or not all(
+        isinstance(t, Mapping) and isinstance(t.get("pass"), str) for t in transforms
+    ):
+        raise DamoError("damaged architecture record: every transform needs a 'pass' name")
+    return arch["builder"], dict(kwargs), [dict(t) for t in transforms]
+
+
+#: default bound on the elements of one declared tensor or of a model's weights
+DEFAULT_MAX_ELEMENTS = 1 << 28
+
+
+def max_elements() -> int:
+    """The element bound (``DAMO_MAX_ELEMENTS`` overrides it)."""
+    import os
+
+    try:
+        return max(1, int(os.environ.get("DAMO_MAX_ELEMENTS", DEFAULT_MAX_ELEMENTS)))
+    except ValueError:
+        return DEFAULT_MAX_ELEMENTS
+
+
+def check_elements(shape_or_count: Sequence[Any] | int, what: str) -> int:
+    """Refuse a declared size above :func:`max_elements` before anything is allocated.
+
+    Shapes come from files and command lines (checkpoint records, ``--input-shape``, model
+    inputs); without the bound a 15 KB file or a typo allocates tens of gigabytes.
+    """
+    if isinstance(shape_or_count, int):
+        n = shape_or_count
+    else:
+        n = 1
+        for d in shape_or_count:
+            n *= d if isinstance(d, int) and d > 0 else 1
+    limit = max_elements()
+    if n > limit:
+        raise DamoError(
+            f"{what} {list(shape_or_count) if not isinstance(shape_or_count, int) else ''} "
+            f"has {n:,} elements, above the limit of {limit:,}".replace("  ", " "),
+            "set DAMO_MAX_ELEMENTS to a larger number if this is intended",
+        )
+    return n
 
 
 def _load_onnx(path: Path) -> ModelArtifact:
@@ -569,6 +722,7 @@ def _flatten(out: Any) -> list[torch.Tensor]:
 
 def _plain(obj: Any) -> Any:
     """JSON-like copy (what weights_only checkpoints and reports may hold)."""
+    import numpy as np
     if isinstance(obj, Mapping):
         return {str(k): _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

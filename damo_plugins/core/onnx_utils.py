@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from damo_plugins.core.errors import DamoError
+
+if TYPE_CHECKING:  # pragma: no cover
+    pass
 
 #: ONNX Runtime 1.31 rejects IR version 14, which onnx 1.23's helpers write by default.
 MAX_ORT_IR_VERSION = 10
@@ -77,6 +78,7 @@ def value_specs(values: Iterable[Any]) -> list[Any]:
 
 def initializer_param_count(model: Any) -> int:
     """Number of values in floating-point initializers (weights), as a parameter count."""
+    import numpy as np
     import onnx
 
     floats = {

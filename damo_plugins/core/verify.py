@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
 
 
 @dataclass
@@ -29,6 +30,8 @@ def compare_outputs(
     The relative error divides by the largest magnitude of each reference output (not
     element-wise), so outputs near zero do not blow it up. Non-finite values are errors.
     """
+    import numpy as np
+
     if len(reference) != len(candidate):
         return {
             "max_abs": float("inf"),

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-import numpy as np
-
 Boxes = TypeVar("Boxes")
 
 
@@ -31,6 +29,8 @@ def box_iou(a: Boxes, b: Boxes, eps: float = 1e-9) -> Boxes:
 
         xp: Any = torch
     else:
+        import numpy as np
+
         xp = np
         a, b = np.asarray(a), np.asarray(b)  # type: ignore[assignment]
 

@@ -13,7 +13,10 @@ runs it on ONNX graphs and :mod:`damo_plugins.lib.openvino_graph` on OpenVINO mo
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    pass
 
 #: what a node is to the walk (see :func:`walk_decode`)
 STOP, CONST, INPUT, SHAPE, SIGNATURE, OP = "stop", "const", "input", "shape", "signature", "op"

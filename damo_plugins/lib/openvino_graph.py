@@ -19,8 +19,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from damo_plugins.core.artifact import TensorSpec
 from damo_plugins.lib.decode import (
     CONST,
@@ -94,6 +92,7 @@ def broadcast_decode_constants(model: Any, names: list[str] | None = None) -> in
     Returns how many constants were replaced. Numerics are unchanged: the op broadcast the
     constant to exactly this shape anyway.
     """
+    import numpy as np
     import openvino as ov
     import openvino.opset13 as ops
 
@@ -183,6 +182,7 @@ def port_specs(ports: Any) -> list[TensorSpec]:
 
 
 def ir_param_count(model: Any) -> int:
+    import numpy as np
     total = 0
     for op in model.get_ordered_ops():
         if op.get_type_name() == "Constant":

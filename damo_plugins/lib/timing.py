@@ -24,8 +24,6 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
-import numpy as np
-
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
 Clock = Literal["wall", "cpu"]
@@ -33,6 +31,8 @@ Clock = Literal["wall", "cpu"]
 
 def summarize_ms(samples_ms: Sequence[float]) -> dict[str, float]:
     """Median, p90, min, max and mean of latencies in milliseconds."""
+    import numpy as np
+
     a = np.asarray(samples_ms, dtype=np.float64)
     if a.size == 0:
         return {"count": 0}

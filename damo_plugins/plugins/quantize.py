@@ -20,7 +20,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from damo_plugins.core.adapter import adapter_options
@@ -28,18 +27,11 @@ from damo_plugins.core.errors import DamoError
 from damo_plugins.core.hookspecs import hookimpl
 from damo_plugins.core.passes import Pass, PassConfig, PassContext
 from damo_plugins.core.verify import Verification
-from damo_plugins.data.validation import LabelledDetections, labelled_validation
-from damo_plugins.lib.fidelity import (
-    as_feeds,
-    compare_int8,
-    detector_outputs,
-    quantized_ops,
-    runner,
-)
 
 if TYPE_CHECKING:  # pragma: no cover
     from damo_plugins.core.artifact import ModelArtifact
     from damo_plugins.core.manager import PluginManager
+    from damo_plugins.data.validation import LabelledDetections
 
 #: default target format per adapter (where its INT8 model runs fastest here)
 DEFAULT_TARGET = {"nncf": "openvino", "inc": "openvino", "onnxruntime": "onnx"}
@@ -155,6 +147,7 @@ class QuantizePass(Pass):
         back as its plain images (see :meth:`_check_labelled`).
         """
         from damo_plugins.data.calibration import generated_images, resolve_calibration
+        from damo_plugins.data.validation import labelled_validation
 
         cfg: QuantizeConfig = self.config  # type: ignore[assignment]
         shape = artifact.inputs[0].concrete() if artifact.inputs else None
@@ -178,6 +171,8 @@ class QuantizePass(Pass):
 
     def run(self, artifact: ModelArtifact, ctx: PassContext) -> ModelArtifact:
         from damo_plugins.data.calibration import resolve_calibration
+        from damo_plugins.data.validation import LabelledDetections
+        from damo_plugins.lib.fidelity import quantized_ops
 
         cfg: QuantizeConfig = self.config  # type: ignore[assignment]
         if not artifact.inputs:
@@ -268,6 +263,10 @@ class QuantizePass(Pass):
     @staticmethod
     def _check_labelled(held: LabelledDetections, artifact: ModelArtifact, ctx: PassContext) -> Any:
         """Labelled data for a detector; for any other model, just its images (with a note)."""
+        import numpy as np
+
+        from damo_plugins.lib.fidelity import detector_outputs, runner
+
         outputs = runner(artifact, ctx.manager)([held[0]])
         if detector_outputs([np.asarray(o) for o in outputs]) is None:
             ctx.log(
@@ -281,6 +280,9 @@ class QuantizePass(Pass):
         return held
 
     def verify(self, before: ModelArtifact, after: ModelArtifact, ctx: PassContext) -> Verification:
+        from damo_plugins.data.validation import LabelledDetections
+        from damo_plugins.lib.fidelity import as_feeds, compare_int8, runner
+
         cfg: QuantizeConfig = self.config  # type: ignore[assignment]
         held, origin = self._held_out(before, ctx)
         run_ref, run_q = runner(before, ctx.manager), runner(after, ctx.manager)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from damo_plugins.core.errors import DamoError
 from damo_plugins.core.recipe import MAX_DEPTH, parse_text
@@ -95,13 +98,14 @@ def test_npz_is_read_lazily_within_a_memory_ceiling(tmp_path: Path) -> None:
     assert bomb.stat().st_size < 4 << 20
     code = textwrap.dedent(
         f"""
-        import resource
         from damo_plugins.data.calibration import read_numpy
         s = read_numpy({str(bomb)!r}, input_shape=[1, 3, 64, 64])
         assert len(s) == 16384, len(s)
         xs = [s[i] for i in range(8)]
         assert all(x.shape == (1, 3, 64, 64) and not x.any() for x in xs)
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        # VmHWM belongs to this process image (ru_maxrss would include the forking parent's)
+        status = open("/proc/self/status").read()
+        print(int(status.split("VmHWM:")[1].split()[0]))
         """
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -124,3 +128,98 @@ def test_npz_declaring_more_than_it_holds_is_refused(tmp_path: Path) -> None:
     np.savez_compressed(ok, images=arr)
     s = read_numpy(ok, input_shape=[1, 3, 8, 8])
     assert np.array_equal(s[1], arr[1:2]) and np.array_equal(s[0], arr[:1])
+
+
+# ------------------------------------------------------- declared sizes and damaged records
+def _checkpoint(tmp_path: Path, edit) -> Path:
+    """A real damo-plugins checkpoint of tiny-cnn, with its record edited by ``edit``."""
+    import torch
+
+    from damo_plugins.core.artifact import load_model
+
+    src = load_model("tiny-cnn").save(tmp_path / "src")
+    payload = torch.load(src, weights_only=True)
+    edit(payload)
+    out = tmp_path / "edited.pt"
+    torch.save(payload, out)
+    return out
+
+
+DAMAGED = {
+    "kwargs-a-list": (lambda p: p["arch"].__setitem__("kwargs", [1, 2]), "kwargs"),
+    "transform-without-pass": (
+        lambda p: p["arch"].__setitem__("transforms", [{"record": {}}]),
+        "transform needs a 'pass'",
+    ),
+    "input-without-name": (lambda p: p.__setitem__("inputs", [{"shape": [1, 3, 8, 8]}]), "name"),
+    "huge-declared-input": (
+        lambda p: p.__setitem__("inputs", [{"name": "x", "shape": [60000, 60000]}]),
+        "above the limit",
+    ),
+    "huge-width": (
+        lambda p: p["arch"].__setitem__("kwargs", {"width": 10**9}),
+        "above the limit",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGED))
+def test_damaged_or_huge_checkpoint_records_are_clear_errors(tmp_path: Path, case: str) -> None:
+    edit, needle = DAMAGED[case]
+    path = _checkpoint(tmp_path, edit)
+    proc = damo_opt("info", str(path), timeout=120)
+    assert_clean_error(proc, needle)
+
+
+def test_absurd_input_shape_is_refused_before_allocation() -> None:
+    proc = damo_opt("info", "tiny-cnn", "--input-shape", "1,3,100000,100000", timeout=120)
+    assert_clean_error(proc, "above the limit", "DAMO_MAX_ELEMENTS")
+
+
+# ------------------------------------------------------------ fuzzing the record loader
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(10**12), 10**12) | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+_record = st.fixed_dictionaries(
+    {},
+    optional={
+        "builder": st.sampled_from(["tiny-cnn", "damo-yolo-t", "nope"]) | _json,
+        "kwargs": st.dictionaries(
+            st.sampled_from(["width", "num_classes", "depth", "x"]), _json, max_size=3
+        )
+        | _json,
+        "transforms": st.lists(
+            st.fixed_dictionaries(
+                {},
+                optional={
+                    "pass": st.sampled_from(["prune", "reparam", "x"]) | _json,
+                    "record": _json,
+                },
+            ),
+            max_size=2,
+        )
+        | _json,
+    },
+)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(arch=_record, specs=st.lists(_json, max_size=3))
+def test_fuzz_checkpoint_records(monkeypatch, arch, specs) -> None:
+    """Any architecture record or tensor record: a model or a DamoError, within a small
+    element bound (so nothing large is ever allocated)."""
+    from damo_plugins.core.artifact import _spec, rebuild
+    from damo_plugins.core.manager import get_manager
+
+    monkeypatch.setenv("DAMO_MAX_ELEMENTS", str(1 << 20))
+    with contextlib.suppress(DamoError):
+        rebuild(arch, get_manager())
+    for s in specs:
+        with contextlib.suppress(DamoError, ValueError):
+            _spec(s)

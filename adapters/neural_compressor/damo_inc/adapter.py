@@ -36,9 +36,8 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from pydantic import Field
 
 from damo_plugins.core.adapter import (
@@ -53,6 +52,9 @@ from damo_plugins.core.artifact import ModelArtifact
 from damo_plugins.core.errors import DamoError, UnsupportedError, first_line
 from damo_plugins.lib.decode import CONST, INPUT, OP, SHAPE, SIGNATURE, STOP, walk_decode
 from damo_plugins.lib.fidelity import as_feeds, fidelity
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
 
 
 @contextlib.contextmanager
@@ -140,6 +142,7 @@ class INCAdapter(Adapter):
         without it they are an error rather than ignored. ``seed`` is not used (INC's
         calibration and tuning are deterministic given the data).
         """
+        import numpy as np
         if max_drop is None and (configs is not None or max_trials is not None):
             raise DamoError(
                 "INC's configs and max_trials tune accuracy-controlled quantization; "
@@ -398,6 +401,7 @@ def _map_metric(valset: LabelledData) -> Callable[[Any], float]:
 
 def _agreement_metric(module: Any, validation: Iterable[Any] | None) -> Callable[[Any], float]:
     """Default metric: agreement of a model's outputs with the FP32 module's (1.0 for itself)."""
+    import numpy as np
     import torch
 
     val = list(validation or [])

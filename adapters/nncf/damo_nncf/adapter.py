@@ -33,9 +33,8 @@ import os
 import shutil
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 from pydantic import Field
 
 from damo_plugins.core.adapter import (
@@ -59,6 +58,9 @@ from damo_plugins.lib.decode import (
     walk_decode,
 )
 from damo_plugins.lib.fidelity import as_feeds, fidelity
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
 
 #: NNCF's extension-load timeout when the user has not set one: a first build of the C++
 #: extension took ~60 s on an idle core here and several minutes on a loaded machine.
@@ -289,6 +291,7 @@ class NNCFAdapter(Adapter):
         params: dict[str, Any],
         info: dict[str, Any],
     ) -> Any:
+        import numpy as np
         if validation is None:
             raise DamoError(
                 "accuracy control (max_drop) needs validation data",
@@ -439,6 +442,7 @@ class _Runner:
         self._session: tuple[Any, Any] | None = None
 
     def __call__(self, candidate: Any, feeds: list[np.ndarray]) -> list[np.ndarray]:
+        import numpy as np
         if hasattr(candidate, "SerializeToString"):
             if self._session is None or self._session[0] is not candidate:
                 from damo_plugins.core.onnx_utils import ort_session
@@ -498,6 +502,7 @@ def _agreement_fn(
     kind: str, model: Any, items: list[Any]
 ) -> Callable[[Any, Iterable[Any]], tuple[float, list[float]]]:
     """Validation function scoring agreement with the FP32 model (1.0 for FP32 itself)."""
+    import numpy as np
     if kind == "openvino":
         compiled = _compile_f32(model)
         refs = [[np.asarray(v) for v in compiled(as_feeds(x)).values()] for x in items]

@@ -18,9 +18,8 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 from pydantic import Field
 
 from damo_plugins.core.adapter import Adapter, AdapterOptions
@@ -28,6 +27,9 @@ from damo_plugins.core.artifact import ModelArtifact, onnx_artifact
 from damo_plugins.core.errors import DamoError, UnsupportedError, first_line
 from damo_plugins.lib.decode import name_onnx_nodes, onnx_decode_nodes
 from damo_plugins.lib.fidelity import as_feeds
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
 
 DEVICE_PROVIDERS = {
     "CPU": ["CPUExecutionProvider"],
@@ -303,6 +305,8 @@ class ONNXRuntimeAdapter(Adapter):
         import os
         from concurrent.futures import ThreadPoolExecutor
 
+        import numpy as np
+
         from damo_plugins.lib.timing import measure_latency, summarize_ms
 
         if hint not in ("latency", "throughput"):
@@ -418,6 +422,7 @@ def calibration_reader(items: Sequence[Any], input_names: Sequence[str]) -> Any:
 
     Built on call so that importing this adapter does not import ONNX Runtime's quantizer.
     """
+    import numpy as np
     from onnxruntime.quantization import CalibrationDataReader
 
     class _Reader(CalibrationDataReader):

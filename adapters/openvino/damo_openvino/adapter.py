@@ -20,15 +20,17 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 from pydantic import Field
 
 from damo_plugins.core.adapter import Adapter, AdapterOptions
-from damo_plugins.core.artifact import ModelArtifact
+from damo_plugins.core.artifact import ModelArtifact, check_elements
 from damo_plugins.core.errors import DamoError, UnsupportedError
 from damo_plugins.lib.openvino_graph import ir_param_count, name_ports, ov_core, port_specs
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
 
 #: ``precision`` values: inference precision of float ops; ``default`` (or ``None`` from
 #: Python) leaves the device's own choice, which is bf16 on CPUs with AVX-512 BF16 or AMX
@@ -246,6 +248,7 @@ class OpenVINOAdapter(Adapter):
     ) -> list[np.ndarray]:
         # Verification runs in f32: on CPUs with AVX512-BF16 (Zen 4, Sapphire Rapids) the CPU
         # plugin's default inference precision is bf16, which differs by ~1e-3.
+        import numpy as np
         compiled = self.compile(artifact, device, properties={"INFERENCE_PRECISION_HINT": "f32"})
         result = compiled(list(feeds))
         return [np.asarray(result[out]) for out in compiled.outputs]
@@ -409,6 +412,7 @@ def _reported_precision(compiled: Any) -> str:
 
 def _feeds_for(compiled: Any, artifact: ModelArtifact) -> list[np.ndarray]:
     """Seeded random inputs shaped like the compiled model's inputs (dynamic dims -> artifact's)."""
+    import numpy as np
     rng = np.random.default_rng(0)
     feeds = []
     for i, port in enumerate(compiled.inputs):
@@ -417,6 +421,7 @@ def _feeds_for(compiled: Any, artifact: ModelArtifact) -> list[np.ndarray]:
             shape = [int(d) for d in pshape.to_shape()]
         else:
             shape = artifact.inputs[i].concrete() if i < len(artifact.inputs) else [1]
+        check_elements(shape, f"input {i} of the compiled model")
         dtype = port.get_element_type().to_dtype()
         if np.issubdtype(dtype, np.floating):
             feeds.append((rng.random(shape) * 255).astype(dtype))
