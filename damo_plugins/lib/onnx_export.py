@@ -25,8 +25,15 @@ def export_onnx(
     dynamic_batch: bool = False,
     exporter: str = "torchscript",
     seed: int = 0,
+    dynamic_size: bool = False,
 ) -> Any:
-    """Export a PyTorch artifact; return the checked ``onnx.ModelProto``."""
+    """Export a PyTorch artifact; return the checked ``onnx.ModelProto``.
+
+    ``dynamic_batch`` makes the inputs' batch axis dynamic, ``dynamic_size`` their height and
+    width; an *output* axis is made dynamic only if it really changes with them (found by
+    running the model once more at batch 2 / a larger size), so ``scores [N, A, C]`` keeps its
+    class count fixed and its anchor count fixed unless the size is dynamic.
+    """
     import onnx
     import torch
 
@@ -38,6 +45,7 @@ def export_onnx(
     was_training = module.training
     module.eval()
     args = tuple(torch.from_numpy(f) for f in artifact.example_inputs(seed=seed))
+    axes: dict[str, dict[int, str]] | None = None
     input_names = [t.name for t in artifact.inputs]
     with torch.no_grad():
         n_out = len(artifact.run(artifact.example_inputs(seed=seed)))
@@ -49,9 +57,13 @@ def export_onnx(
             warnings.simplefilter("ignore")
             if exporter == "dynamo":
                 dyn = None
-                if dynamic_batch:
-                    batch = torch.export.Dim("batch")
-                    dyn = tuple({0: batch} for _ in args)
+                if dynamic_batch or dynamic_size:
+                    dims: dict[int, Any] = {}
+                    if dynamic_batch:
+                        dims[0] = torch.export.Dim("batch")
+                    if dynamic_size:
+                        dims[2], dims[3] = torch.export.Dim("height"), torch.export.Dim("width")
+                    dyn = tuple(dict(dims) for _ in args)
                 program = torch.onnx.export(
                     module,
                     args,
@@ -64,9 +76,10 @@ def export_onnx(
                 )
                 proto = program.model_proto
             else:
-                axes = None
-                if dynamic_batch:
-                    axes = {n: {0: "batch"} for n in input_names + output_names}
+                if dynamic_batch or dynamic_size:
+                    axes = _dynamic_axes(
+                        module, artifact, input_names, output_names, dynamic_batch, dynamic_size
+                    )
                 buf = io.BytesIO()
                 torch.onnx.export(
                     module,
@@ -90,13 +103,124 @@ def export_onnx(
         ) from exc
     finally:
         module.train(was_training)
+    if exporter != "dynamo" and (dynamic_batch or dynamic_size):
+        _fix_output_dims(proto, axes or {}, artifact, module)
     try:
         onnx.checker.check_model(proto)
     except Exception as exc:
         raise DamoError(
             f"exported ONNX model fails the checker: {str(exc).splitlines()[0][:300]}"
         ) from exc
+    if dynamic_size:
+        _check_other_size(proto, artifact, module)
     return proto
+
+
+def _fix_output_dims(
+    proto: Any, axes: dict[str, dict[int, str]], artifact: ModelArtifact, module: Any
+) -> None:
+    """Write the real output shapes into the graph: static axes as numbers, dynamic ones under
+    our names. (Shape inference after a dynamic input names *every* output axis it cannot
+    prove constant, e.g. a class count behind a Reshape — which readers then take as dynamic.)"""
+    import torch
+
+    feeds = [torch.from_numpy(f) for f in artifact.example_inputs()]
+    with torch.no_grad():
+        outs = module(*feeds)
+    flat = list(outs) if isinstance(outs, (list, tuple)) else [outs]
+    for out, ref in zip(proto.graph.output, flat):
+        dyn = axes.get(out.name, {})
+        dims = out.type.tensor_type.shape.dim
+        if len(dims) != ref.dim():
+            continue
+        for ax, d in enumerate(dims):
+            if ax in dyn:
+                d.dim_param = dyn[ax]
+            else:
+                d.dim_value = int(ref.shape[ax])
+
+
+def _check_other_size(proto: Any, artifact: ModelArtifact, module: Any) -> None:
+    """A model exported with dynamic height/width must compute the right thing at another
+    size: tracing turns Python ints taken from shapes (an anchor grid's size) into constants,
+    and such a graph fails or is silently wrong elsewhere. Checked at +32 px."""
+    import numpy as np
+    import torch
+
+    from damo_plugins.core.onnx_utils import ort_session
+
+    shape = artifact.inputs[0].concrete()
+    if len(shape) != 4:
+        raise DamoError("dynamic height/width needs a 4-D image input [N, C, H, W]")
+    shape[2], shape[3] = shape[2] + 32, shape[3] + 32
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    try:
+        got = ort_session(proto).run(None, {proto.graph.input[0].name: x})
+        with torch.no_grad():
+            ref = module(torch.from_numpy(x))
+        refs = [t.numpy() for t in (ref if isinstance(ref, (list, tuple)) else [ref])]
+        ok = all(
+            g.shape == r.shape
+            and float(np.abs(g - r).max()) <= 1e-3 * max(1.0, float(np.abs(r).max()))
+            for g, r in zip(got, refs)
+        )
+    except Exception:
+        ok = False
+    if not ok:
+        raise DamoError(
+            f"the exported graph is wrong at another size ({shape[2]}x{shape[3]}): this model "
+            "fixes its input size when traced (sizes read from tensors become constants)",
+            "export without --dynamic (or only with --dynamic-batch), at the size you deploy "
+            "(--imgsz)",
+        )
+
+
+def _dynamic_axes(
+    module: Any,
+    artifact: ModelArtifact,
+    input_names: list[str],
+    output_names: list[str],
+    batch: bool,
+    size: bool,
+) -> dict[str, dict[int, str]]:
+    """``dynamic_axes`` for the TorchScript exporter: the chosen input axes, and each output
+    axis whose length changes when the batch (to 2) or the size (by 32 px) changes."""
+    import torch
+
+    def shapes(n: int, extra: int) -> list[tuple[int, ...]]:
+        feeds = []
+        for spec in artifact.inputs:
+            shape = spec.concrete()
+            shape[0] = n
+            if extra and len(shape) == 4:
+                shape[2], shape[3] = shape[2] + extra, shape[3] + extra
+            feeds.append(torch.zeros(shape))
+        with torch.no_grad():
+            outs = module(*feeds)
+        flat = list(outs) if isinstance(outs, (list, tuple)) else [outs]
+        return [tuple(t.shape) for t in flat if isinstance(t, torch.Tensor)]
+
+    base = shapes(1, 0)
+    by_batch = shapes(2, 0) if batch else base
+    by_size = shapes(1, 32) if size else base
+    axes: dict[str, dict[int, str]] = {}
+    for name in input_names:
+        axes[name] = {
+            **({0: "batch"} if batch else {}),
+            **({2: "height", 3: "width"} if size else {}),
+        }
+    for i, name in enumerate(output_names):
+        if i >= len(base):
+            break
+        out: dict[int, str] = {}
+        for ax, n in enumerate(base[i]):
+            if by_batch[i][ax] != n:
+                out[ax] = "batch"
+            elif by_size[i][ax] != n:
+                out[ax] = f"{name}_{ax}"
+        if out:
+            axes[name] = out
+    return axes
 
 
 def spec_names(specs: list[TensorSpec]) -> list[str]:

@@ -213,6 +213,21 @@ def build_search(args: argparse.Namespace) -> Any:
         entropy_repeats=args.repeats,
     )
     table = LatencyTable.load(args.latency_table) if args.latency_table else None
+    profiled = table.meta.get("resolution") if table is not None else None
+    if profiled is not None and profiled != args.resolution:
+        # per-conv latencies depend on the feature-map sizes: a table measured at another
+        # input size predicts the wrong latencies for every candidate
+        if not getattr(args, "allow_resolution_mismatch", False):
+            raise DamoError(
+                f"--latency-table {args.latency_table} was profiled at {profiled} px, the search "
+                f"runs at --resolution {args.resolution}",
+                f"profile again with --resolution {args.resolution}, search at --resolution "
+                f"{profiled}, or pass --allow-resolution-mismatch",
+            )
+        _log(
+            f"warning: latency table profiled at {profiled} px used at {args.resolution} px "
+            "(--allow-resolution-mismatch): predicted latencies are not trustworthy"
+        )
     return Search(resolve_structure(args.init), space, budgets, config, latency=table)
 
 
@@ -259,6 +274,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         log=_log,
     )
     files = write_outputs(result, search, outdir, log=_log)
+    files.update(_write_detector_recipe(outdir, files["structure"], args))
     best = result.best
     lat = f", predicted latency {best.latency_ms:.3f} ms" if best.latency_ms is not None else ""
     _log(
@@ -266,8 +282,50 @@ def cmd_search(args: argparse.Namespace) -> int:
         f"{best.metrics.params / 1e6:.3f} M params, {best.metrics.flops / 1e9:.3f} GFLOPs{lat}; "
         f"{result.iterations:,} candidates in {result.seconds:.1f} s"
     )
+    _log(f"train a detector on it: sh {files['train_command']} (recipe: {files['recipe']})")
     print(files["structure"])
     return 0
+
+
+def _write_detector_recipe(
+    outdir: Path, structure: Path, args: argparse.Namespace
+) -> dict[str, Path]:
+    """Next to the best structure: the exact ``damo-opt train`` command (``train.sh``) and a
+    recipe (``detector.yaml``) that build a DAMO-YOLO detector on the found backbone.
+
+    Both name the structure by absolute path (the builder records its content in every
+    checkpoint, so moving the file later breaks nothing already trained) and the search's
+    resolution as the image size, the size the structure's budgets were met at.
+    """
+    import shlex
+
+    from damo_plugins.core.io import write_text
+
+    backbone = Path(structure).resolve()
+    res = int(args.resolution)
+    head = ["damo-opt", "train", "--model", "damo-yolo", "--model-arg", f"backbone={backbone}"]
+    tail = ["--img-size", str(res), "-o", str((outdir / "train").resolve())]
+    text = (
+        "#!/bin/sh\n# train a DAMO-YOLO detector on the searched backbone; DATA is a folder "
+        "with train/ + train.json, val/ + val.json (or add --generate)\n"
+        f'{shlex.join(head)} --data "${{DATA:-data}}" {shlex.join(tail)}\n'
+    )
+    recipe = (
+        "# build (and deploy) a DAMO-YOLO detector on the searched backbone; train it first\n"
+        "# with train.sh, then point model: at OUTPUT/best.pt\n"
+        "model: damo-yolo\n"
+        "model_args:\n"
+        f"  backbone: {json.dumps(str(backbone))}\n"
+        f"input_shape: [1, 3, {res}, {res}]\n"
+        "steps:\n"
+        "  - reparam\n"
+        "  - export\n"
+        "  - convert\n"
+    )
+    return {
+        "train_command": write_text(outdir / "train.sh", text),
+        "recipe": write_text(outdir / "detector.yaml", recipe),
+    }
 
 
 # --------------------------------------------------------------------------- profile
@@ -399,6 +457,11 @@ def damo_cli(subparsers: argparse._SubParsersAction) -> None:
         "--latency", type=_number, help="max predicted latency in ms (needs --latency-table)"
     )
     p.add_argument("--latency-table", help="latency table from 'damo-opt nas profile'")
+    p.add_argument(
+        "--allow-resolution-mismatch",
+        action="store_true",
+        help="use a latency table profiled at another --resolution (predictions are then off)",
+    )
     p.add_argument(
         "--max-feature", type=_number, help="max feature-map elements of any conv (in + out)"
     )

@@ -98,8 +98,10 @@ def test_official_state_dict_round_trip_strict(tmp_path, tiny_t: torch.nn.Module
     with torch.no_grad():
         for a, b in zip(tiny_t(x), art.model(x)):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # --arch alone: the builder's match_state_dict reads the 3 classes from the head
+    assert load_model(path, arch="damo-yolo-t").arch["kwargs"] == {"num_classes": 3}
     with pytest.raises(DamoError, match="do not fit"):
-        load_model(path, arch="damo-yolo-t")  # 80 classes: head shapes differ
+        load_model(path, arch="damo-yolo-t", model_args={"num_classes": 80})  # head differs
 
 
 def test_official_key_names(tiny_t: torch.nn.Module) -> None:

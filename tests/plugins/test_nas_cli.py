@@ -67,3 +67,53 @@ def test_bad_structure_is_one_line_error(tmp_path: Path) -> None:
     r = damo_opt("nas", "score", str(bad))
     assert r.returncode == 2 and "must be positive" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_search_writes_the_train_command_and_recipe_that_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The command in train.sh, run as written (plus a tiny generated data set), trains a
+    detector whose backbone is the searched structure; detector.yaml validates."""
+    import shlex
+
+    import torch
+
+    out = tmp_path / "run"
+    argv = ["nas", "search", "--budget-from", "t", "--iterations", "300", "--population", "16"]
+    assert main([*argv, "--resolution", "64", "-o", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    line = (out / "train.sh").read_text().strip().splitlines()[-1]
+    words = shlex.split(line.replace('"${DATA:-data}"', shlex.quote(str(tmp_path / "data"))))
+    assert words[:2] == ["damo-opt", "train"] and "--img-size" in words
+    assert words[words.index("--img-size") + 1] == "64"
+    extra = ["--generate", "--train-images", "4", "--val-images", "2", "--epochs", "1"]
+    assert main([*words[1:], *extra, "--batch", "2", "--no-progress"]) == 0
+    ckpt = torch.load(out / "train" / "best.pt", map_location="cpu", weights_only=True)
+    assert ckpt["arch"]["builder"] == "damo-yolo"
+    assert ckpt["arch"]["kwargs"]["backbone"] == load_structure(out / "best.json")
+    capsys.readouterr()
+    recipe = out / "detector.yaml"
+    assert main(["run", str(recipe), "--dry-run"]) == 0
+    assert "damo-yolo" in capsys.readouterr().out
+
+
+def test_latency_table_from_another_resolution_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from damo_plugins.nas.analysis import analyzer_for
+    from damo_plugins.nas.latency import LatencyTable
+
+    an, g = analyzer_for(resolve_structure("t"), 320, True)
+    entries = {op[:5]: 0.1 for op in an.ops(g)}
+    table = tmp_path / "table.json"
+    LatencyTable("torch", "CPU", 1, 0.05, entries, meta={"resolution": 320}).save(table)
+    argv = ["nas", "search", "--budget-from", "t", "--iterations", "50", "--population", "8"]
+    argv += ["--latency-table", str(table), "--no-progress"]
+    assert main([*argv, "-o", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "profiled at 320 px" in err and "--allow-resolution-mismatch" in err
+    assert not (tmp_path / "a" / "best.json").exists()
+    # the same table at its own resolution, or with the explicit flag, is used
+    assert main([*argv, "--resolution", "320", "-o", str(tmp_path / "b")]) == 0
+    assert main([*argv, "--allow-resolution-mismatch", "-o", str(tmp_path / "c")]) == 0
+    assert "not trustworthy" in capsys.readouterr().err
