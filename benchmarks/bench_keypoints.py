@@ -113,8 +113,84 @@ def peak_memory(variant: str, kind: str, r: int, threads: int) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def full_main(argv: Sequence[str]) -> None:
+    """``--full``: the whole Keypoint R-CNN R50-FPN graph (ORT, OpenVINO f32) vs eager PyTorch.
+
+    Random weights with trained scales (``random_detectron2_state``); ``--person-bias`` sets
+    how many proposals pass the 0.05 score threshold, i.e. the detection count D, which drives
+    the 512-channel keypoint head's cost. The export has dynamic H, W: one graph for all sizes.
+    """
+    from damo_plugins.keypoints.export import OPENVINO_F32_CONFIG, export_keypoint_model
+    from damo_plugins.keypoints.rcnn import KeypointRCNN, random_detectron2_state
+
+    ap = argparse.ArgumentParser(description=full_main.__doc__.splitlines()[0])
+    ap.add_argument("--full", action="store_true")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--sizes", default="800x1333,480x640", help="HxW,...")
+    ap.add_argument("--person-bias", type=float, default=1.0)
+    ap.add_argument("--doc", default=str(DOCS / "keypoints.md"), help="Markdown to write into")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = KeypointRCNN().eval()
+    model.load_detectron2(random_detectron2_state(model, 0, args.person_bias))
+    log("exporting the whole model ...")
+    proto = export_keypoint_model(model, opset=17)
+    import openvino as ov
+
+    from damo_plugins.core.onnx_utils import ort_session
+
+    sess = ort_session(proto, threads=args.threads)
+    core = ov.Core()
+    config = {**OPENVINO_F32_CONFIG, "INFERENCE_NUM_THREADS": args.threads}
+    compiled = core.compile_model(core.read_model(proto.SerializeToString(), b""), "CPU", config)
+    variants = ["eager", "ort", "ov"]
+    rows = []
+    for size in args.sizes.split(","):
+        h, w = (int(v) for v in size.lower().split("x"))
+        image = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(h)) * 255
+        arr = image.numpy()
+        with torch.no_grad():
+            detections = model(image)[0].shape[0]
+        log(f"{h}x{w}: {detections} detections ...")
+
+        def eager(image: torch.Tensor = image) -> None:
+            with torch.no_grad():
+                model(image)
+
+        fns = {
+            "eager": eager,
+            "ort": lambda arr=arr: sess.run(None, {"image": arr}),
+            "ov": lambda arr=arr: compiled({0: arr}),
+        }
+        times = interleaved_timing(fns, args.rounds, warmup=1)
+        rows.append(
+            [f"{h}x{w}", detections]
+            + [f"{times.median(v):.0f} ({times.ratio('eager', v):.2f}x)" for v in variants]
+        )
+    lines = [
+        "### Whole Keypoint R-CNN R50-FPN, FP32 (one graph: backbone, RPN, box head, keypoints)",
+        "",
+        f"Command: `{command(__file__, argv)}`; {args.threads} thread(s), medians of "
+        f"{args.rounds} interleaved rounds after one warm-up; ratio = eager / variant. Random "
+        "weights with trained scales, pre/post-NMS top-k 1000, score threshold 0.05; D = "
+        "detections (the keypoint head runs on D boxes). OpenVINO with the f32 hint.",
+        "",
+        machine_line(),
+        "",
+        *md_table(["image", "D", *(f"{v} ms (x)" for v in variants)], rows),
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    log(f"wrote {write_section(args.doc, text, key='full-model')}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--full" in argv:
+        full_main(argv)
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)

@@ -76,6 +76,10 @@ class KeypointRCNNHead(nn.Module):
         area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=0)
         level = torch.floor(4 + torch.log2(area.sqrt() / 224 + 1e-8)).clamp(2, 5) - 2
         rois = torch.cat([torch.zeros_like(boxes[:, :1]), boxes], 1)
+        if not torch.jit.is_tracing():
+            from damo_plugins.keypoints.rcnn import pool_assigned_levels
+
+            return pool_assigned_levels(self.poolers, features, rois, level)
         pooled = None
         for i, (pooler, feat) in enumerate(zip(self.poolers, features)):
             part = pooler(feat, rois)

@@ -60,6 +60,8 @@ class KeypointsPass(Pass):
         from damo_plugins.keypoints.export import verify_keypoint_model
 
         cfg: KeypointsConfig = self.config  # type: ignore[assignment]
+        if hasattr(before.model, "proposal_generator"):
+            return _verify_full_pass(before.model, after.model, cfg, ctx)
         results = verify_keypoint_model(
             before.model, after.model, cfg.verify_rois, cfg.backends, seed=ctx.seed
         )
@@ -78,6 +80,31 @@ class KeypointsPass(Pass):
         return Verification(ok, {"argmax_agreement": worst_agree, "max_px": worst_px}, msg)
 
 
+def _verify_full_pass(
+    model: Any, proto: Any, cfg: KeypointsConfig, ctx: PassContext
+) -> Verification:
+    """The whole Keypoint R-CNN: eager vs each backend on two random images."""
+    import torch
+
+    from damo_plugins.keypoints.rcnn import verify_keypoint_rcnn
+
+    g = torch.Generator().manual_seed(ctx.seed)
+    images = [torch.rand(1, 3, h, w, generator=g) * 255 for h, w in ((128, 160), (96, 200))]
+    results = verify_keypoint_rcnn(model, proto, images, cfg.backends)
+    ctx.extra["keypoints"] = results
+    every = [m for per_image in results.values() for m in per_image]
+    counts_ok = all(m["count_equal"] == 1.0 for m in every)
+    agree = min((m.get("argmax_agreement", 1.0) for m in every), default=1.0)
+    px = max((max(m.get("max_dx_px", 0.0), m.get("max_dy_px", 0.0)) for m in every), default=0.0)
+    box = max((m.get("max_dbox_px", 0.0) for m in every), default=0.0)
+    ok = counts_ok and agree >= cfg.min_agreement and px <= cfg.max_px and box <= cfg.max_px
+    msg = (
+        f"detection counts {'equal' if counts_ok else 'DIFFER'}, max |dbox| {box:.2e} px, "
+        f"keypoint agreement {agree:.4f}, max |dx|,|dy| {px:.2e} px in {', '.join(results)}"
+    )
+    return Verification(ok, {"argmax_agreement": agree, "max_px": px, "max_dbox_px": box}, msg)
+
+
 @hookimpl
 def damo_passes() -> list[type[Pass]]:
     return [KeypointsPass]
@@ -86,7 +113,10 @@ def damo_passes() -> list[type[Pass]]:
 @hookimpl
 def damo_models() -> dict[str, Any]:
     # lazy: keypoints.head imports torch, which only building the model needs
-    return {"keypoint-rcnn-head": lazy(_heads, "build_keypoint_rcnn_head")}
+    return {
+        "keypoint-rcnn-head": lazy(_heads, "build_keypoint_rcnn_head"),
+        "keypoint-rcnn-r50-fpn": lazy(_rcnn, "build_keypoint_rcnn"),
+    }
 
 
 def _heads() -> ModuleType:
@@ -95,24 +125,42 @@ def _heads() -> ModuleType:
     return head
 
 
+def _rcnn() -> ModuleType:
+    from damo_plugins.keypoints import rcnn
+
+    return rcnn
+
+
 @hookimpl
 def damo_cli(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("keypoints", help="keypoint R-CNN export (Detectron2 layout)")
     verbs = parser.add_subparsers(dest="keypoints_verb", required=True)
     exp = verbs.add_parser("export", help="export a keypoint model or the post-processing alone")
-    exp.add_argument("model", nargs="?", default="keypoint-rcnn-head", help="registered name")
+    exp.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="registered name (default keypoint-rcnn-head, or keypoint-rcnn-r50-fpn with --full)",
+    )
     exp.add_argument("-o", "--output", required=True, help="ONNX file to write")
     exp.add_argument("--opset", type=int, default=17, help="ONNX opset, 16–18 (default 17)")
     exp.add_argument("--method", choices=["vectorized", "pruned", "loop"], default="vectorized")
     exp.add_argument(
         "--weights",
-        help="Detectron2 checkpoint (.pkl model zoo or .pth) whose roi_heads.keypoint_head.* "
-        "to load; .pkl is read with a numpy-only unpickler, .pth with weights_only=True",
+        help="Detectron2 checkpoint (.pkl model zoo or .pth): roi_heads.keypoint_head.* for "
+        "the head, everything with --full; .pkl is read with a numpy-only unpickler, .pth "
+        "with weights_only=True",
     )
     exp.add_argument(
         "--postprocess-only",
         action="store_true",
         help="write heatmaps_to_keypoints alone: maps [R,K,H,W], rois [R,4]",
+    )
+    exp.add_argument(
+        "--full",
+        action="store_true",
+        help="the whole Keypoint R-CNN R50-FPN (image -> boxes, scores, classes, keypoints) "
+        "in one graph; --weights then loads the whole checkpoint",
     )
     exp.add_argument("--num-keypoints", type=int, default=17)
     exp.add_argument("--no-verify", action="store_true", help="skip the ORT/OpenVINO checks")
@@ -134,6 +182,10 @@ def cli_export(args: argparse.Namespace) -> int:
         raise DamoError(f"output must be an .onnx file, got {target}", "e.g. -o keypoints.onnx")
     if args.num_keypoints < 1:
         raise DamoError("--num-keypoints must be at least 1")
+    if args.model is None:
+        args.model = "keypoint-rcnn-r50-fpn" if args.full else "keypoint-rcnn-head"
+    if args.full and args.postprocess_only:
+        raise DamoError("--full and --postprocess-only exclude each other")
     if args.postprocess_only:
         module: Any = PostprocessModule(args.method, args.num_keypoints)
         proto = export_postprocess(
@@ -149,7 +201,7 @@ def cli_export(args: argparse.Namespace) -> int:
             if not hasattr(module, "load_detectron2"):
                 raise DamoError(f"model '{args.model}' cannot load Detectron2 weights")
             unused = module.load_detectron2(args.weights)
-            print(f"loaded {args.weights} ({len(unused)} unused keypoint-head entries)")
+            print(f"loaded {args.weights} ({len(unused)} unused entries)")
         rois = [0, 1, 4]
         proto = export_keypoint_model(module, opset=args.opset)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -165,6 +217,8 @@ def cli_export(args: argparse.Namespace) -> int:
             f"core.compile_model(model, 'CPU', {OPENVINO_F32_CONFIG!r}) for f32 keypoints; "
             "the default on bf16-capable CPUs rounds boxes and heatmaps to bf16"
         )
+    if not args.no_verify and hasattr(module, "proposal_generator"):
+        return _verify_full(module, proto)
     if not args.no_verify:
         for backend, per_r in verify_keypoint_model(module, proto, rois).items():
             for r, m in per_r.items():
@@ -173,3 +227,21 @@ def cli_export(args: argparse.Namespace) -> int:
                 if m["argmax_agreement"] < 1.0:
                     return 3
     return 0
+
+
+def _verify_full(module: Any, proto: Any) -> int:
+    """Eager vs ORT / OpenVINO (f32) on two random images of different sizes."""
+    import torch
+
+    from damo_plugins.keypoints.rcnn import verify_keypoint_rcnn
+
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(1, 3, h, w, generator=g) * 255 for h, w in ((128, 160), (96, 200))]
+    status = 0
+    for backend, per_image in verify_keypoint_rcnn(module, proto, images).items():
+        for (h, w), m in zip(((128, 160), (96, 200)), per_image):
+            shown = ", ".join(f"{k} {v:.3g}" for k, v in m.items())
+            print(f"  {backend:12s} {h}x{w} {shown}")
+            if not m["count_equal"] or m.get("argmax_agreement", 0.0) < 1.0:
+                status = 3
+    return status
