@@ -8,6 +8,7 @@ traceback is shown only with ``--debug``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import warnings
@@ -16,7 +17,7 @@ from typing import Any
 
 from damo_plugins import __version__
 from damo_plugins.core.errors import DamoError
-from damo_plugins.core.verbs import add_model_args, log, model_from_args, print_json
+from damo_plugins.core.verbs import add_model_args, log, print_json
 
 PROG = "damo-opt"
 
@@ -73,6 +74,32 @@ def _term_width() -> int:
         return 120
 
 
+_MLFLOW_HELP = (
+    "track the run in MLflow (needs damo-plugins-mlflow): the tracking store URI, "
+    "default MLFLOW_TRACKING_URI or MLflow's own default"
+)
+
+
+def _track(args: argparse.Namespace) -> None:
+    """``--mlflow [URI]``: turn experiment tracking on for this process.
+
+    Tracking is an integration listening to pipeline events, not a core feature, so the
+    option only sets ``DAMO_MLFLOW`` for the integration to read. Without the integration
+    the option would silently do nothing, so that is an error instead.
+    """
+    if getattr(args, "mlflow", None) is None:
+        return
+    from damo_plugins.core.manager import get_manager
+
+    if "mlflow" not in get_manager().info:
+        raise DamoError(
+            "--mlflow needs the MLflow integration (plugin 'mlflow'), "
+            "which is not installed or is disabled",
+            "pip install -e integrations/mlflow",
+        )
+    os.environ["DAMO_MLFLOW"] = args.mlflow
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from damo_plugins.core.manager import get_manager
     from damo_plugins.core.pipeline import run
@@ -88,6 +115,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 f"  {step.index + 1:2d}. {step.name:<12} -> {fmt}  {step.config.model_dump(mode='json')}"
             )
         return 0
+    _track(args)
     res = run(
         loaded,
         manager=mgr,
@@ -101,8 +129,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    art = model_from_args(args)
-    info = art.summary()
+    from damo_plugins.core.artifact import describe
+    from damo_plugins.core.manager import get_manager
+    from damo_plugins.core.verbs import parse_model_args
+
+    # describe() counts on the meta device: a registered model is never initialized or run
+    info = describe(
+        args.model,
+        manager=get_manager(),
+        input_shape=args.input_shape,
+        model_args=parse_model_args(args.model_arg),
+        arch=args.arch,
+    )
     if args.json:
         print_json(info)
         return 0
@@ -138,8 +176,54 @@ def cmd_devices(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from damo_plugins.demo import run_demo
 
+    _track(args)
     res = run_demo(output=args.output, force=args.force, quick=args.quick, log=log)
     print(f"report: {res.output / 'report.md'}")
+    return 0
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    from damo_plugins.optimize.api import optimize
+
+    res = optimize(
+        args.model,
+        args.data,
+        device=args.device,
+        max_drop=args.max_drop,
+        imgsz=args.imgsz,
+        time_budget=args.time_budget,
+        resume=args.resume,
+        no_accuracy=args.no_accuracy,
+        output=args.output,
+        space=args.space,
+        force=args.force,
+        log=log,
+    )
+    if args.json:
+        print_json(res.report)
+    else:
+        print(f"report: {res.output / 'optimize.md'}")
+        if res.best is not None:
+            print(f"best:   {res.output / 'best'}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from damo_plugins.optimize.compare import compare, table
+
+    rows = compare(
+        args.models,
+        args.data,
+        device=args.device,
+        runtime=args.runtime,
+        precision=args.precision,
+        imgsz=args.imgsz,
+        log=log,
+    )
+    if args.json:
+        print_json(rows)
+    else:
+        print(table(rows))
     return 0
 
 
@@ -164,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="validate the recipe and show the steps")
     p.add_argument("--no-verify", action="store_true", help="skip each step's verification")
     p.add_argument("--force", action="store_true", help="overwrite an existing output folder")
+    p.add_argument("--mlflow", nargs="?", const="on", metavar="URI", help=_MLFLOW_HELP)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("info", help="format, inputs/outputs, params and FLOPs of a model")
@@ -179,7 +264,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="runs/demo")
     p.add_argument("--force", action="store_true", help="overwrite an existing output folder")
     p.add_argument("--quick", action="store_true", help="smaller settings (used by the tests)")
+    p.add_argument("--mlflow", nargs="?", const="on", metavar="URI", help=_MLFLOW_HELP)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "optimize", help="find the fastest model for a device within an accuracy budget"
+    )
+    p.add_argument("model", help="a .pt checkpoint, a registered model name, .onnx or .xml")
+    p.add_argument(
+        "--data", required=True, help="COCO folder, DATA dir, .json, dataset .yaml, or synthetic"
+    )
+    p.add_argument("--device", default="CPU", help="target device (default CPU)")
+    p.add_argument(
+        "--max-drop",
+        type=float,
+        default=0.01,
+        help="allowed mAP@[.5:.95] loss as a fraction (0.01 = 1 point)",
+    )
+    p.add_argument("--imgsz", type=int, help="square input size N (input 1,3,N,N)")
+    p.add_argument("--time-budget", help="stop starting new candidates after this long (30m, 2h)")
+    p.add_argument("--space", help="candidate space file (YAML/JSON)")
+    p.add_argument("--resume", action="store_true", help="reuse the cached candidates of -o")
+    p.add_argument("--no-accuracy", action="store_true", help="latency only (unlabelled data)")
+    p.add_argument("-o", "--output", default="runs/optimize", help="output folder")
+    p.add_argument("--force", action="store_true", help="replace an earlier run's outputs")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_optimize)
+
+    p = sub.add_parser("compare", help="params, FLOPs, size, mAP and latency of several models")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="models in any format")
+    p.add_argument("--data", help="labelled data for mAP (omit: latency only)")
+    p.add_argument("--device", default="CPU")
+    p.add_argument("--runtime", choices=("openvino", "onnxruntime", "torch"), default="openvino")
+    p.add_argument("--precision", default="f32", help="OpenVINO precision (f32, bf16, f16)")
+    p.add_argument("--imgsz", type=int, help="square input size N")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_compare)
 
     get_manager().add_cli(sub)
     return parser
@@ -193,7 +313,11 @@ def _format_warning(
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug is a global switch wherever it is typed (before or after the verb)
     debug = "--debug" in argv or os.environ.get("DAMO_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"] + (["--debug"] if "--debug" in argv else [])
+    if "--debug" in argv:
+        argv = ["--debug", *argv[:-1]]
     if not debug:
         import logging
 
@@ -215,15 +339,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:
+        # `damo-opt info ... | head`: the reader left; not an error. Point stdout at devnull so
+        # the interpreter's final flush does not complain either.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as exc:
         if debug:
             raise
         where = f" {exc.filename}" if exc.filename else ""
         print(f"{PROG}: error: cannot access{where}: {exc.strerror or exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        # SIGTERM arrives as Terminated (a KeyboardInterrupt): 128 + signal number, as shells do
+        terminated = type(exc).__name__ == "Terminated"
+        print(f"{PROG}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
     except Exception as exc:
         if debug:
             raise
