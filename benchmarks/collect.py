@@ -40,10 +40,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     parts = [
         "# Benchmarks\n",
-        "Every section below was produced by a script in `benchmarks/` on the machine described "
-        "here; its command is given in the section. `python benchmarks/collect.py` rebuilds this "
-        "page from `docs/benchmarks/*.md`.\n",
-        "## Machine\n",
+        "Every section below was produced by a script in `benchmarks/`; its command and the "
+        "machine it ran on are given in the section. The machines differ between sessions "
+        "(AMD EPYC with AVX-512/VNNI/BF16, and without: AVX2 only), so compare ratios within "
+        "a section, not milliseconds across sections. `python benchmarks/collect.py` rebuilds "
+        "this page from `docs/benchmarks/*.md`.\n",
+        "## The machine this page was assembled on\n",
         machine_notes() + "\n",
     ]
     names = [n for n in ORDER if (DOCS / f"{n}.md").exists()]

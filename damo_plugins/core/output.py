@@ -59,6 +59,10 @@ class OutputFolder:
 
     # ----------------------------------------------------------------- locking
     def __enter__(self) -> OutputFolder:
+        if "\0" in str(self.path):
+            raise DamoError(
+                f"output path {str(self.path)!r} contains a NUL byte", "choose another -o"
+            )
         if self.path.exists() and not self.path.is_dir():
             raise DamoError(f"output {self.path} exists and is not a folder", "choose another -o")
         ensure_dir(self.path)

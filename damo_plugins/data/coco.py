@@ -86,21 +86,38 @@ class CocoDetection:
         self.scale_jitter = scale_jitter
         self.flip_prob = flip_prob
         self.rng = np.random.default_rng(seed)
-        self.cat_ids: list[int] = sorted(int(c["id"]) for c in data["categories"])
-        self.class_names: list[str] = [
-            next(c["name"] for c in data["categories"] if int(c["id"]) == cid)
-            for cid in self.cat_ids
-        ]
-        cat_index = {cid: i for i, cid in enumerate(self.cat_ids)}
-        self.records: list[dict[str, Any]] = [dict(im) for im in data["images"]]
-        boxes: dict[int, list[list[float]]] = {int(im["id"]): [] for im in self.records}
-        for a in data.get("annotations", []):
-            if a.get("iscrowd", 0) or int(a["image_id"]) not in boxes:
-                continue
-            x, y, w, h = (float(v) for v in a["bbox"])
-            if w <= 1 or h <= 1:
-                continue
-            boxes[int(a["image_id"])].append([cat_index[int(a["category_id"])], x, y, x + w, y + h])
+        section, index = "categories", 0
+        try:
+            self.cat_ids: list[int] = sorted(int(c["id"]) for c in data["categories"])
+            self.class_names: list[str] = [
+                next(str(c.get("name", cid)) for c in data["categories"] if int(c["id"]) == cid)
+                for cid in self.cat_ids
+            ]
+            cat_index = {cid: i for i, cid in enumerate(self.cat_ids)}
+            section = "images"
+            self.records: list[dict[str, Any]] = []
+            for index, im in enumerate(data["images"]):  # noqa: B007 - named in the error
+                self.records.append({**im, "id": int(im["id"]), "file_name": str(im["file_name"])})
+            boxes: dict[int, list[list[float]]] = {im["id"]: [] for im in self.records}
+            section = "annotations"
+            for index, a in enumerate(data.get("annotations", [])):  # noqa: B007 - named in the error
+                if a.get("iscrowd", 0) or int(a["image_id"]) not in boxes:
+                    continue
+                x, y, w, h = (float(v) for v in a["bbox"])
+                if w <= 1 or h <= 1:
+                    continue
+                cls = cat_index[int(a["category_id"])]
+                boxes[int(a["image_id"])].append([cls, x, y, x + w, y + h])
+        except (KeyError, TypeError, ValueError) as exc:
+            what = (
+                f"missing key {exc}"
+                if isinstance(exc, KeyError)
+                else f"{type(exc).__name__}: {exc}"
+            )
+            raise DamoError(
+                f"{self.annotations}: {section}[{index}] is not a valid COCO record ({what})",
+                "fix or remove that record",
+            ) from None
         self.boxes = {k: np.asarray(v, dtype=np.float32).reshape(-1, 5) for k, v in boxes.items()}
 
     @property

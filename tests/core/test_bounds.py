@@ -223,3 +223,26 @@ def test_fuzz_checkpoint_records(monkeypatch, arch, specs) -> None:
     for s in specs:
         with contextlib.suppress(DamoError, ValueError):
             _spec(s)
+
+
+def test_coco_record_without_bbox_names_the_file_and_record(tmp_path: Path) -> None:
+    import json
+
+    from damo_plugins.data.coco import CocoDetection
+    from damo_plugins.data.synthetic import generate
+
+    root = generate(tmp_path / "d", train=2, val=0, seed=3)
+    data = json.loads((root / "train.json").read_text())
+    del data["annotations"][1]["bbox"]
+    (root / "train.json").write_text(json.dumps(data))
+    with pytest.raises(
+        DamoError,
+        match=r"train.json: annotations\[1\] is not a valid COCO record \(missing key 'bbox'\)",
+    ):
+        CocoDetection(root / "train", root / "train.json", 64, augment=True)
+
+
+def test_nul_byte_in_output_is_a_clear_error(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text('model: tiny-cnn\nsteps: [export]\noutput: "a\\0b"\n')
+    assert_clean_error(damo_opt("run", str(recipe), cwd=tmp_path), "NUL byte")
