@@ -98,6 +98,22 @@ def _limit_threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """``n`` torch intra-op threads in this process for a while (restored afterwards)."""
+    try:
+        import torch
+    except ImportError:  # tasks without torch: nothing to pin
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _call(fn: Callable[..., Any], shared: Any, has_shared: bool, item: Any) -> Any:
     return fn(shared, item) if has_shared else fn(item)
 
@@ -242,8 +258,11 @@ class LocalExecutor(Executor):
         items = list(items)
         has_shared = shared is not None
         if self._workers == 0 or (len(items) <= 1 and self._pool is None):
-            for i, item in enumerate(items):
-                yield i, _call(fn, shared, has_shared, item)
+            # the same intra-op thread count as a worker would use: float summation order
+            # (and so a score's last bits) must not depend on where a task ran
+            with _threads(res.threads):
+                for i, item in enumerate(items):
+                    yield i, _call(fn, shared, has_shared, item)
             return
         todo = set(range(len(items)))
         failures = 0

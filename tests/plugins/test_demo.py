@@ -25,7 +25,7 @@ def test_embedded_checkpoint_is_safe_and_accurate() -> None:
     payload = torch.load(path, weights_only=True)  # no code needed to read it
     assert payload["arch"]["builder"] == "damo-yolo-t"
     art = load_model(path)
-    cfg = EvaluateConfig(images=40)
+    cfg = EvaluateConfig(data="synthetic", images=40)
     metrics = evaluate_artifact(art, dataset_for(cfg, art.input_shape[2]), cfg)
     assert metrics["mAP"] > MAP_FLOOR, metrics
 
