@@ -191,7 +191,7 @@ def test_failed_pipeline_is_a_failed_run(tracked: str, store: str, tmp_path: Pat
         "model": "tiny-cnn",
         "steps": [{"export": {"opset": 17}}, {"evaluate": {"data": "synthetic", "images": 2}}],
     }
-    with pytest.raises(DamoError, match="detector outputs|predicts 10 classes"):
+    with pytest.raises(DamoError, match=r"detector outputs|predicts 10 classes"):
         run(recipe, manager=PluginManager(), output=tmp_path / "bad", log=_quiet)
     (r,) = _runs(store, tracked)
     report = json.loads((tmp_path / "bad" / "report.json").read_text())
