@@ -214,8 +214,8 @@ def report(cmds: dict[str, Command], samples: dict[str, list[Sample]], argv: Seq
         f"the four adapter distributions included) and call their hooks, but import none of "
         f"torch, onnx, onnxruntime, openvino, nncf, neural_compressor, torch_pruning or "
         f"matplotlib (`tests/core/test_startup.py` checks it). What they still spend: the "
-        f"interpreter ({med_cpu['python']:.2f} s CPU here), numpy (imported at the top of "
-        f"`core/adapter.py`, `core/artifact.py`, `core/verify.py` and the adapters) and "
+        f"interpreter ({med_cpu['python']:.2f} s CPU here), numpy (only `plugins`: the "
+        f"calibration sources' module imports it when the sources are listed) and "
         f"pydantic (the passes' configuration schemas, built at import), the entry-point scan, "
         f"the plugin and adapter modules themselves, and rich for the `plugins` table.",
         f"- `info {model}` builds the model on the meta device and counts FLOPs and output "
