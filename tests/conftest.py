@@ -80,3 +80,34 @@ def randomize_bn(model: Any, seed: int = 0) -> Any:
                 m.weight.copy_(torch.rand(n, generator=g) + 0.5)
                 m.bias.copy_(torch.randn(n, generator=g) * 0.2)
     return model.eval()
+
+
+#: a pass that writes a partial file and then sleeps (installed by the ``sleepy`` fixture)
+SLOW_PASS = """
+import time
+from damo_plugins import Pass, hookimpl
+
+class Sleepy(Pass):
+    name = "sleepy"
+    accepts = ("onnx",)
+
+    def run(self, artifact, ctx):
+        (ctx.workdir / "model.onnx").write_bytes(b"partial")
+        print("SLEEPY-STARTED", flush=True)
+        time.sleep(120)
+        return artifact
+
+@hookimpl
+def damo_passes():
+    return [Sleepy]
+"""
+
+
+@pytest.fixture
+def sleepy(plugin_path, tmp_path: Path) -> Path:
+    """A recipe ``export -> sleepy -> convert`` whose middle step writes a partial file,
+    prints ``SLEEPY-STARTED`` and sleeps: for killing, signalling and racing real runs."""
+    plugin_path("sleepy-dist", {"sleepy_plugin": SLOW_PASS}, {"sleepy": "sleepy_plugin"})
+    recipe = tmp_path / "slow.yaml"
+    recipe.write_text("model: tiny-cnn\nsteps: [export, sleepy, convert]\n")
+    return recipe

@@ -64,6 +64,39 @@ def atomic_path(final: str | os.PathLike[str], suffix: str = "") -> Iterator[Pat
         raise
 
 
+def explain_write_failure(exc: BaseException, path: Path) -> DamoError:
+    """One clear line for a writer that failed below Python (torch.save, OpenVINO).
+
+    Native writers report a full disk in their own words (torch: "unexpected pos", OpenVINO:
+    "basic_ios::clear: iostream error"). The OSError behind them, when Python saw one, is
+    explained as usual; otherwise a nearly full disk or a file-size limit is the likely cause
+    and is named, and anything else keeps the writer's own first line.
+    """
+    e: BaseException | None = exc
+    while e is not None:
+        if isinstance(e, OSError):
+            return _explain(e, path)
+        e = e.__cause__ or e.__context__
+    import resource
+
+    parent = next((q for q in path.parents if q.is_dir()), Path("."))
+    try:
+        free = shutil.disk_usage(parent).free
+    except OSError:
+        free = None
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if (free is not None and free < 64 << 20) or soft != resource.RLIM_INFINITY:
+        limit = f" (file-size limit {soft} bytes)" if soft != resource.RLIM_INFINITY else ""
+        return DamoError(
+            f"no space left while writing {path}{limit}", "free disk space or choose -o elsewhere"
+        )
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return DamoError(
+        f"could not write {path}: {first[:200]}",
+        "check free disk space and that the output folder is writable",
+    )
+
+
 def ensure_dir(path: str | os.PathLike[str]) -> Path:
     """Create ``path`` (and parents) or raise a clear error."""
     p = Path(path)
@@ -82,43 +115,6 @@ def write_bytes(final: str | os.PathLike[str], data: bytes) -> Path:
 
 def write_text(final: str | os.PathLike[str], text: str) -> Path:
     return write_bytes(final, text.encode("utf-8"))
-
-
-@contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike[str], *, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``final``; on success rename it to ``final``.
-
-    An existing ``final`` is replaced only with ``force`` (and only after the new folder is
-    complete); otherwise it is an error, so earlier results are never lost by accident.
-    """
-    final = Path(final)
-    if final.exists() and not force:
-        raise DamoError(f"{final} already exists", "use --force to replace it, or another output")
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    except OSError as exc:
-        raise _explain(exc, final) from exc
-    try:
-        yield tmp
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                _fsync(f)
-        _fix_mode(tmp, directory=True)
-        if final.exists():
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise _explain(exc, final) from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _umask() -> int:

@@ -13,7 +13,6 @@ their area are dropped) — because mosaic/mix-up pipelines cost more CPU than o
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from PIL import Image
 
 from damo_plugins.core.errors import DamoError
 from damo_plugins.core.io import check_regular
+from damo_plugins.data.sources import read_coco_json
 
 
 def letterbox(
@@ -68,19 +68,7 @@ class CocoDetection:
         self.annotations = Path(annotations)
         if not self.images.is_dir():
             raise DamoError(f"image folder not found: {self.images}", "check the data path")
-        try:
-            data = json.loads(self.annotations.read_text())
-        except FileNotFoundError:
-            raise DamoError(
-                f"annotation file not found: {self.annotations}", "check the data path"
-            ) from None
-        except (ValueError, OSError) as exc:
-            raise DamoError(f"{self.annotations} is not readable JSON ({exc})") from exc
-        if not isinstance(data, dict) or not {"images", "categories"} <= data.keys():
-            raise DamoError(
-                f"{self.annotations} is not a COCO detection file",
-                "it needs 'images' and 'categories'",
-            )
+        data = read_coco_json(self.annotations)
         self.img_size = int(img_size)
         self.augment = augment
         self.scale_jitter = scale_jitter

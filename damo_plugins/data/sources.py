@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from damo_plugins.core.errors import DamoError
-from damo_plugins.core.io import write_text
+from damo_plugins.core.io import check_regular, write_text
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 #: default size of the generated ``synthetic`` set (train, val): small enough to generate in
@@ -57,20 +57,26 @@ class Split:
 
     def load(self) -> dict[str, Any]:
         """The parsed COCO json (checked to be a detection file)."""
-        try:
-            data = json.loads(self.annotations.read_text())
-        except FileNotFoundError:
-            raise DamoError(
-                f"annotation file not found: {self.annotations}", "check the data path"
-            ) from None
-        except (OSError, ValueError) as exc:
-            raise DamoError(f"{self.annotations} is not readable JSON ({exc})") from None
-        if not isinstance(data, dict) or not {"images", "categories"} <= data.keys():
-            raise DamoError(
-                f"{self.annotations} is not a COCO detection file",
-                "it needs 'images' and 'categories' (and 'annotations' for accuracy)",
-            )
-        return data
+        return read_coco_json(self.annotations)
+
+
+def read_coco_json(path: Path) -> dict[str, Any]:
+    """Parse a COCO annotation file, refusing what is not one with a line naming the file.
+
+    Only a regular file is opened (a FIFO would block forever); the top level must be an
+    object with ``images`` and ``categories``. Record-level checks are the reader's.
+    """
+    check_regular(path, "annotation file")
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise DamoError(f"{path} is not readable JSON ({exc})") from None
+    if not isinstance(data, dict) or not {"images", "categories"} <= data.keys():
+        raise DamoError(
+            f"{path} is not a COCO detection file",
+            "it needs 'images' and 'categories' (and 'annotations' for accuracy)",
+        )
+    return data
 
 
 @dataclass

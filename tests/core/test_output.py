@@ -23,25 +23,6 @@ from damo_plugins.core.output import BOOKKEEPING, MANIFEST, OutputFolder
 from damo_plugins.core.pipeline import run
 from tests.conftest import assert_clean_error, damo_opt
 
-SLOW_PASS = """
-import time
-from damo_plugins import Pass, hookimpl
-
-class Sleepy(Pass):
-    name = "sleepy"
-    accepts = ("onnx",)
-
-    def run(self, artifact, ctx):
-        (ctx.workdir / "model.onnx").write_bytes(b"partial")
-        print("SLEEPY-STARTED", flush=True)
-        time.sleep(120)
-        return artifact
-
-@hookimpl
-def damo_passes():
-    return [Sleepy]
-"""
-
 
 def _quiet(_: str) -> None:
     pass
@@ -51,14 +32,6 @@ def _leftovers(folder: Path) -> list[str]:
     return sorted(
         p.name for p in folder.iterdir() if p.name.startswith(".") and p.name not in BOOKKEEPING
     )
-
-
-@pytest.fixture
-def sleepy(plugin_path, tmp_path: Path) -> Path:
-    plugin_path("sleepy-dist", {"sleepy_plugin": SLOW_PASS}, {"sleepy": "sleepy_plugin"})
-    recipe = tmp_path / "slow.yaml"
-    recipe.write_text("model: tiny-cnn\nsteps: [export, sleepy, convert]\n")
-    return recipe
 
 
 def _start(recipe: Path, out: Path) -> subprocess.Popen[str]:

@@ -23,30 +23,9 @@ from damo_plugins.core.recipe import load_recipe, parse_text
 from damo_plugins.models.structure import parse_structure
 from tests.conftest import assert_clean_error, damo_opt
 
-SLOW_PASS = """
-import time
-from damo_plugins import Pass, hookimpl
 
-class Sleepy(Pass):
-    name = "sleepy"
-    accepts = ("onnx",)
-
-    def run(self, artifact, ctx):
-        (ctx.workdir / "model.onnx").write_bytes(b"partial")
-        print("SLEEPY-STARTED", flush=True)
-        time.sleep(60)
-        return artifact
-
-@hookimpl
-def damo_passes():
-    return [Sleepy]
-"""
-
-
-def test_killed_run_leaves_earlier_outputs_valid(tmp_path: Path, plugin_path) -> None:
-    plugin_path("sleepy-dist", {"sleepy_plugin": SLOW_PASS}, {"sleepy": "sleepy_plugin"})
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("model: tiny-cnn\nsteps: [export, sleepy, convert]\n")
+def test_killed_run_leaves_earlier_outputs_valid(tmp_path: Path, sleepy: Path) -> None:
+    recipe = sleepy
     out = tmp_path / "out"
     proc = subprocess.Popen(
         [sys.executable, "-m", "damo_plugins.cli", "run", str(recipe), "-o", str(out)],
@@ -92,6 +71,36 @@ def test_disk_full_during_write_is_clear_and_keeps_old_file(tmp_path: Path) -> N
     assert_clean_error(proc, "no space left", str(out))
     assert out.read_bytes() == b"previous result"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def _run_limited(args: list[str], cwd: Path, limit: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "damo_plugins.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"),
+        preexec_fn=_limit_file_size(limit),
+        timeout=300,
+    )
+
+
+def test_disk_full_in_native_writers_is_clear(tmp_path: Path) -> None:
+    """torch.save and OpenVINO's save_model report a full disk in their own words
+    ("unexpected pos", "basic_ios::clear"); both become the same clear line, naming the
+    final file rather than the temporary folder it was being written in."""
+    # torch checkpoint (the export verb's reparam step writes one first)
+    proc = _run_limited(
+        ["export", "tiny-cnn", "-o", "m.xml", "--format", "openvino"], tmp_path, 3000
+    )
+    assert_clean_error(proc, "no space left", "model.pt")
+    # OpenVINO IR from an ONNX file, through a recipe
+    assert damo_opt("export", "tiny-cnn", "-o", str(tmp_path / "m.onnx")).returncode == 0
+    (tmp_path / "r.yaml").write_text("model: m.onnx\nsteps:\n  - convert: {to: openvino}\n")
+    proc = _run_limited(["run", "r.yaml", "-o", "out"], tmp_path, 3000)
+    assert_clean_error(proc, "no space left", str(Path("out") / "01-convert" / "model.xml"))
+    assert not (tmp_path / "out" / "01-convert").exists()
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]
 
 
 def test_unwritable_output(tmp_path: Path) -> None:
