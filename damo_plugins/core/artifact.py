@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from damo_plugins.core.errors import DamoError, first_line
-from damo_plugins.core.io import atomic_path, check_input_file
+from damo_plugins.core.io import atomic_path, check_input_file, explain_write_failure
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -41,9 +41,17 @@ class TensorSpec:
     name: str
     shape: list[int | str]
     dtype: str = "float32"
+    #: lengths for the dynamic axes when the model must run (verification, calibration): the
+    #: shape the model was exercised at before a step made axes dynamic (set by the step
+    #: runner), so a dynamic-size export is checked at its real size, not at 1x1
+    example: list[int] | None = field(default=None, compare=False, repr=False)
 
     def concrete(self, fill: int = 1) -> list[int]:
-        return [d if isinstance(d, int) and d >= 0 else fill for d in self.shape]
+        ex = self.example if self.example and len(self.example) == len(self.shape) else None
+        return [
+            d if isinstance(d, int) and d >= 0 else (ex[i] if ex else fill)
+            for i, d in enumerate(self.shape)
+        ]
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
@@ -291,6 +299,16 @@ class ModelArtifact:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / f"{stem}{SUFFIX[self.format]}"
+        try:
+            self._write(target, manager)
+        except DamoError:
+            raise
+        except Exception as exc:  # a native writer's own wording for a full disk, mostly
+            raise explain_write_failure(exc, target) from exc
+        self.path = target
+        return target
+
+    def _write(self, target: Path, manager: PluginManager | None) -> None:
         if self.format == "torch":
             import torch
 
@@ -309,8 +327,6 @@ class ModelArtifact:
                 tmp.write_bytes(self.model.SerializeToString())
         else:
             _manager(manager).adapter_for_format(self.format).save(self, target)
-        self.path = target
-        return target
 
 
 # ---------------------------------------------------------------------- loading
@@ -503,7 +519,10 @@ def _load_checkpoint(
         arch_name, found = _recognise(path, state, mgr)
     else:
         match = getattr(mgr.get_model_builder(arch_name), "match_state_dict", None)
-        found = (match(state) if match is not None else None) or {}
+        try:
+            found = (match(state) if match is not None else None) or {}
+        except DamoError:  # nothing the matcher can read back: the user's --model-arg decide
+            found = {}
     art = build_model(
         arch_name,
         mgr.get_model_builder(arch_name),
@@ -526,6 +545,7 @@ def _recognise(
     """
     matches: list[tuple[str, dict[str, Any]]] = []
     asked: list[str] = []
+    notes: list[str] = []
     for c in mgr.contributions("model"):
         try:
             match = getattr(c.obj, "match_state_dict", None)
@@ -534,7 +554,11 @@ def _recognise(
         if match is None:
             continue
         asked.append(c.name)
-        found = match(state)
+        try:
+            found = match(state)
+        except DamoError as exc:  # it knows these weights, but nothing it can build fits
+            notes.append(f"{c.name}: {exc.message}")
+            continue
         if found is not None:
             matches.append((c.name, dict(found)))
     if len(matches) == 1:
@@ -547,6 +571,11 @@ def _recognise(
             "choose one with --arch NAME",
         )
     checked = ", ".join(asked) or "no registered builder recognises state dicts"
+    if notes:  # a builder that recognised the kind of weights says what did not fit
+        raise DamoError(
+            f"{path} holds weights only and no architecture fits them; " + "; ".join(notes),
+            "name the architecture with --arch NAME (and --model-arg for its options)",
+        )
     raise DamoError(
         f"{path} holds weights only and no architecture fits them "
         f"({len(state)} tensors under {', '.join(tops[:5]) or 'nothing'}; checked: {checked} — "
@@ -587,7 +616,9 @@ def rebuild(arch: Mapping[str, Any], manager: PluginManager | None = None) -> An
     """
     mgr = _manager(manager)
     builder_name, kwargs, transforms = _arch_parts(arch)
-    builder = mgr.get_model_builder(builder_name)
+    builder = mgr.get_model_builder(_recorded(mgr, "model", builder_name))
+    for t in transforms:
+        _recorded(mgr, "pass", t["pass"])
 
     def build() -> Any:
         module = builder(**kwargs)
@@ -617,6 +648,31 @@ def rebuild(arch: Mapping[str, Any], manager: PluginManager | None = None) -> An
             f"the architecture record ({builder_name}) cannot be built: "
             f"{type(exc).__name__}: {first_line(exc)[:200]}"
         ) from exc
+
+
+def _recorded(mgr: PluginManager, kind: str, name: str) -> str:
+    """``name``, checked to be installed: a checkpoint's record names what built the model.
+
+    The name was written by the tool, not typed, so "did you mean" (right for a user's
+    ``--arch``) would mislead: the likely cause is a plugin that is not installed, disabled
+    or broken, and the error says which plugins that could be and how to see them.
+    """
+    if name in mgr.names(kind) or mgr.clash(kind, name):
+        return name  # a clash is reported by the manager's own message
+    what = "model builder" if kind == "model" else "step"
+    role = "provides it" if kind == "model" else "provides it (the model was transformed by it)"
+    why = []
+    if mgr.disabled:
+        why.append(f"DAMO_PLUGINS_DISABLE excludes {', '.join(sorted(mgr.disabled))}")
+    if mgr.load_only is not None:
+        why.append(f"DAMO_PLUGINS_LOAD loads only {', '.join(sorted(mgr.load_only))}")
+    if mgr.failures:
+        why.append(f"plugins that failed to load: {', '.join(sorted(mgr.failures))}")
+    raise DamoError(
+        f"{what} '{name}' is not installed: the checkpoint needs a plugin that {role}"
+        + (f" ({'; '.join(why)})" if why else ""),
+        "install the plugin that provides it; `damo-opt plugins` lists the installed ones",
+    )
 
 
 def _arch_parts(arch: Any) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:

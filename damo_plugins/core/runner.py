@@ -55,6 +55,21 @@ class StepResult:
         return self
 
 
+def _keep_examples(before: ModelArtifact, after: ModelArtifact) -> None:
+    """Carry the concrete input shape across a step that made input axes dynamic (an export
+    with dynamic batch/height/width, a conversion of such a model): later verification and
+    calibration then run at the size the model was built for, not with every dynamic axis
+    at 1 (a detector cannot run on a 1x1 image)."""
+    for i, spec in enumerate(after.inputs):
+        if spec.example or all(isinstance(d, int) and d >= 0 for d in spec.shape):
+            continue
+        prev = next((t for t in before.inputs if t.name == spec.name), None)
+        if prev is None and i < len(before.inputs):
+            prev = before.inputs[i]
+        if prev is not None and len(prev.shape) == len(spec.shape):
+            spec.example = prev.concrete()
+
+
 def run_step(pass_: Pass, artifact: ModelArtifact, ctx: PassContext) -> StepResult:
     """Apply ``pass_`` to ``artifact``: check input, run, verify (``ctx.verify``), record.
 
@@ -74,6 +89,7 @@ def run_step(pass_: Pass, artifact: ModelArtifact, ctx: PassContext) -> StepResu
             "run with --debug for the traceback",
         ) from exc
     seconds = time.perf_counter() - t0
+    _keep_examples(artifact, after)
     t1 = time.perf_counter()
     try:
         ver = pass_.verify(artifact, after, ctx) if ctx.verify else None

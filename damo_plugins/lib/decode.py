@@ -8,6 +8,12 @@ it works on user exports with arbitrary node names; each adapter keeps what it f
 floating point (NNCF ``ignored_scope``, ONNX Runtime ``nodes_to_exclude``, INC observers).
 The convolutions themselves stay INT8. The walk is format-neutral; :func:`onnx_decode_nodes`
 runs it on ONNX graphs and :mod:`damo_plugins.lib.openvino_graph` on OpenVINO models.
+
+In a static export the anchor grid is a constant (skipped by the walk); in an export with
+dynamic height/width it is computed from the feature maps' shapes (``Shape``/``ShapeOf`` ->
+``Range`` -> ...). Shape reads end the walk (they are part of the tail, their input is not),
+so the grid joins the float tail and the walk never crosses into the backbone through them
+(``tests/plugins/test_dynamic_export.py`` checks both forms, and INT8 of the dynamic one).
 """
 
 from __future__ import annotations

@@ -10,12 +10,46 @@ dynamo`` selects it for models the TorchScript path cannot trace.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import io
+import json
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 from damo_plugins.core.artifact import ModelArtifact, TensorSpec
 from damo_plugins.core.errors import DamoError, first_line
+
+_DYNAMIC_SIZE: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "damo_plugins_dynamic_size", default=False
+)
+
+
+def tracing_dynamic_size() -> bool:
+    """Whether the model is being traced for an export with dynamic height/width.
+
+    Model code that derives tensors from input sizes (a detector's anchor grid) reads this to
+    choose between Python ints — which tracers freeze into constants, the right thing for a
+    fixed-size export — and traced sizes, which become shape ops that follow the runtime size.
+    A context variable rather than a module flag, so that models the export cannot see into
+    (an fx ``GraphModule`` after graph-level re-parameterization) still see it.
+    """
+    return _DYNAMIC_SIZE.get()
+
+
+@contextlib.contextmanager
+def dynamic_size_tracing(enabled: bool = True) -> Iterator[None]:
+    """Within the block, :func:`tracing_dynamic_size` returns ``enabled``."""
+    token = _DYNAMIC_SIZE.set(enabled)
+    try:
+        yield
+    finally:
+        _DYNAMIC_SIZE.reset(token)
+
+
+#: ONNX ``metadata_props`` key of the input shape a dynamic model was exported at
+INPUT_SHAPE_KEY = "damo_plugins.input_shape"
 
 
 def export_onnx(
@@ -53,7 +87,7 @@ def export_onnx(
     if len(output_names) != n_out:
         output_names = [f"output{i}" for i in range(n_out)]
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), dynamic_size_tracing(dynamic_size):
             warnings.simplefilter("ignore")
             if exporter == "dynamo":
                 dyn = None
@@ -113,6 +147,11 @@ def export_onnx(
         ) from exc
     if dynamic_size:
         _check_other_size(proto, artifact, module)
+    if dynamic_batch or dynamic_size:
+        # The shape it was exported at, for tools that must pick one (``damo-opt bench``);
+        # OpenVINO carries it into the IR's rt_info (``framework``) on conversion.
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = INPUT_SHAPE_KEY, json.dumps(artifact.input_shape)
     return proto
 
 

@@ -282,3 +282,15 @@ build_damo_yolo_s = _preset_builder("s")
 build_damo_yolo_m = _preset_builder("m")
 build_damo_yolo.default_input_shape = DEFAULT_INPUT_SHAPE  # type: ignore[attr-defined]
 build_damo_yolo.normalize_kwargs = normalize_kwargs  # type: ignore[attr-defined]
+
+
+def _match_searched(state: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The generic builder's ``match_state_dict``: a searched backbone read back from the
+    weights (:func:`damo_plugins.models.detect.match_searched`; imported on use, as that
+    module imports this one)."""
+    from damo_plugins.models.detect import match_searched
+
+    return match_searched(state)
+
+
+build_damo_yolo.match_state_dict = _match_searched  # type: ignore[attr-defined]

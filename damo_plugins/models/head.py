@@ -10,6 +10,12 @@ as upstream). NMS stays outside.
 Decode detail: the per-anchor stride is a ``[1, A, 4]`` constant rather than ``[1, A, 1]``:
 identical numbers, but the broadcast form made an INT8 OpenVINO IR fail to compile when the
 decode was left in float (see FACTS.md).
+
+Anchors and export: by default the anchor grid is computed from Python ints, so a traced
+export records it as constants (the smallest graph, what a fixed-size deployment wants).
+While :func:`damo_plugins.lib.onnx_export.export_onnx` traces with dynamic height/width it
+switches the grid to shape-dependent ops (``Shape -> Range -> ...``), so the same graph gives
+the right anchors at every input size.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from collections.abc import Sequence
 import torch
 import torch.fx
 from torch import nn
+
+from damo_plugins.lib.onnx_export import tracing_dynamic_size
 
 
 class Scale(nn.Module):
@@ -39,7 +47,11 @@ class Integral(nn.Module):
     def __init__(self, reg_max: int) -> None:
         super().__init__()
         self.reg_max = reg_max
-        self.register_buffer("project", torch.linspace(0, reg_max, reg_max + 1))
+        # 0, 1, ..., reg_max exactly (as linspace(0, reg_max, reg_max + 1)); from a list,
+        # because linspace/arange on the meta device (architecture matching, FLOP counting)
+        # import torch._dynamo and sympy: seconds in a fresh process
+        bins = [float(i) for i in range(reg_max + 1)]
+        self.register_buffer("project", torch.tensor(bins, dtype=torch.float32))
 
     def forward(self, prob: torch.Tensor) -> torch.Tensor:
         return torch.matmul(prob, self.project.to(prob.dtype))
@@ -50,20 +62,39 @@ def anchor_grid(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Anchor points ``[1, A, 4]`` (x, y, x, y) and strides ``[1, A, 4]`` for feature maps.
 
-    Computed from static shapes, so that tracers (ONNX export, fx) record constants. It is
-    registered with :func:`torch.fx.wrap` so symbolic tracing keeps it as one opaque call.
+    Normally computed from static shapes, so that tracers (ONNX export, fx) record constants.
+    Inside an export with dynamic height/width (:func:`tracing_dynamic_size`) the sizes are
+    read from the tensors instead, so the tracer records shape-dependent ops and the exported
+    grid follows the runtime feature-map size. Both paths give identical numbers. It is
+    registered with :func:`torch.fx.wrap` so symbolic tracing keeps it as one opaque call,
+    which also makes a graph-level re-parameterized model (a ``GraphModule``) decide between
+    the two paths at run time, not when it was traced.
     """
+    # Under torch.export / dynamo (INC's PT2E path) the context variable is not consulted:
+    # reading it there splits the traced graph (INC then fails with "Input partition has more
+    # than one output node"), and dynamo keeps static sizes as ints and dynamic ones symbolic
+    # by itself.
+    compiling = torch.compiler.is_compiling()
+    dynamic = not compiling and tracing_dynamic_size()
     points, scales = [], []
     for f, s in zip(feats, strides):
-        h, w = int(f.shape[-2]), int(f.shape[-1])
+        if dynamic or compiling:
+            # kept as (traced) sizes: no int(), which would freeze them into the graph
+            h, w = f.shape[-2], f.shape[-1]
+        else:
+            h, w = int(f.shape[-2]), int(f.shape[-1])
         ys, xs = torch.meshgrid(
             torch.arange(h, dtype=f.dtype, device=f.device) * s,
             torch.arange(w, dtype=f.dtype, device=f.device) * s,
             indexing="ij",
         )
         xy = torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=-1)
-        points.append(torch.cat([xy, xy], dim=-1))
-        scales.append(torch.full((h * w, 4), float(s), dtype=f.dtype, device=f.device))
+        level = torch.cat([xy, xy], dim=-1)
+        points.append(level)
+        if dynamic:
+            scales.append(torch.full_like(level, float(s)))
+        else:
+            scales.append(torch.full((h * w, 4), float(s), dtype=f.dtype, device=f.device))
     return torch.cat(points)[None], torch.cat(scales)[None]
 
 
@@ -89,7 +120,11 @@ class ZeroHead(nn.Module):
         )
         self.scales = nn.ModuleList(Scale(1.0) for _ in self.strides)
         self.integral = Integral(reg_max)
-        # GFL initialisation: small weights, class bias at the prior probability.
+        # GFL initialisation: small weights, class bias at the prior probability. Skipped on
+        # the meta device (architecture matching, FLOP counting): there is nothing to fill,
+        # and a random init there imports torch._dynamo (~7 s in a fresh process).
+        if self.gfl_cls[0].weight.is_meta:
+            return
         bias = -math.log((1 - prior_prob) / prior_prob)
         for conv in [*self.gfl_cls, *self.gfl_reg]:
             nn.init.normal_(conv.weight, std=0.01)

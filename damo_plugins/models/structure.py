@@ -117,3 +117,21 @@ def dumps_json(structure: Structure) -> str:
 def dumps_text(structure: Structure) -> str:
     """DAMO-YOLO's literal text form (readable by upstream tools too)."""
     return "[" + ",\n ".join(repr(dict(b)) for b in structure) + "]\n"
+
+
+def describe_structure(structure: Structure) -> str:
+    """One line per structure, for messages: ``stem 3->24 k3 | K1KX 24->64 s2 k3 L2 btn24 | ...``.
+
+    Used when a structure was *read back* from a checkpoint's weights, so that the log and
+    errors show what was recognised in the words of the structure files.
+    """
+    parts = []
+    for b in structure:
+        if b["class"] == STEM:
+            parts.append(f"stem {b['in']}->{b['out']} k{b['k']}")
+        else:
+            kind = "K1KX" if b["class"] == K1KX else "KXKX"
+            parts.append(
+                f"{kind} {b['in']}->{b['out']} s{b['s']} k{b['k']} L{b['L']} btn{b['btn']}"
+            )
+    return " | ".join(parts)

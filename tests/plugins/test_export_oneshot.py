@@ -90,9 +90,18 @@ def test_dynamic_axes_only_where_outputs_depend() -> None:
     shape = [2, 3, cls.inputs[0].shape[2] + 32, cls.inputs[0].shape[3] + 32]
     x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
     np.testing.assert_allclose(o.run([x])[0], cls.run([x])[0], rtol=1e-4, atol=1e-5)
-    # a model whose traced graph fixes the size is refused, not exported wrong
+    # a model whose traced graph fixes the size is refused, not exported wrong (DAMO-YOLO's
+    # anchor grid follows the size: tests/plugins/test_dynamic_export.py)
+    fixed = load_model(_FixedSize(), input_shape=[1, 3, 64, 64])
     with pytest.raises(DamoError, match="wrong at another size"):
-        export_onnx(det, dynamic_batch=True, dynamic_size=True)
+        export_onnx(fixed, dynamic_batch=True, dynamic_size=True)
+
+
+class _FixedSize(torch.nn.Module):
+    """Reads its input height as a Python int: a tracer freezes it into the graph."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(1, 3)) + torch.arange(int(x.shape[-2]), dtype=x.dtype)
 
 
 @pytest.mark.slow
