@@ -17,7 +17,15 @@ from typing import Any
 
 from damo_plugins import __version__
 from damo_plugins.core.errors import DamoError
-from damo_plugins.core.verbs import add_model_args, log, print_json
+from damo_plugins.core.progress import is_verbose, quiet_backends, set_verbose
+from damo_plugins.core.verbs import (
+    DamoArgumentParser,
+    add_model_args,
+    json_stdout,
+    log,
+    print_json,
+    run_result_json,
+)
 
 PROG = "damo-opt"
 
@@ -109,6 +117,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     loaded = load_recipe(args.recipe, mgr)
     if args.dry_run:
         formats = check_chain(loaded)
+        if args.json:
+            print_json(
+                {
+                    "recipe": loaded.source,
+                    "valid": True,
+                    "model": loaded.recipe.model,
+                    "format": formats[0],
+                    "output": loaded.recipe.output,
+                    "steps": [
+                        {
+                            "index": step.index + 1,
+                            "step": step.name,
+                            "format": fmt,
+                            "config": step.config.model_dump(mode="json"),
+                        }
+                        for step, fmt in zip(loaded.steps, formats[1:])
+                    ],
+                }
+            )
+            return 0
         print(f"recipe {loaded.source} is valid: model {loaded.recipe.model} ({formats[0]})")
         for step, fmt in zip(loaded.steps, formats[1:]):
             print(
@@ -124,6 +152,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         force=args.force,
         log=log,
     )
+    if args.json:
+        print_json(run_result_json(res))
+        return 0
     print(f"report: {res.output / 'report.md'}")
     return 0
 
@@ -178,6 +209,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     _track(args)
     res = run_demo(output=args.output, force=args.force, quick=args.quick, log=log)
+    if args.json:
+        print_json(run_result_json(res))
+        return 0
     print(f"report: {res.output / 'report.md'}")
     return 0
 
@@ -198,6 +232,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         space=args.space,
         force=args.force,
         log=log,
+        workers=args.workers,
+        ray=args.ray,
+        device_resource=args.device_resource,
     )
     if args.json:
         print_json(res.report)
@@ -231,11 +268,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from damo_plugins.core.manager import get_manager
 
-    parser = argparse.ArgumentParser(
+    # every verb's --help states its defaults (subparsers inherit the parser class)
+    parser = DamoArgumentParser(
         prog=PROG, description="Compress and deploy DAMO-YOLO-family models through plugins."
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show backends' own progress bars, log lines and warnings (held back otherwise)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("plugins", help="list installed plugins and what they provide")
@@ -249,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip each step's verification")
     p.add_argument("--force", action="store_true", help="overwrite an existing output folder")
     p.add_argument("--mlflow", nargs="?", const="on", metavar="URI", help=_MLFLOW_HELP)
+    p.add_argument("--json", action="store_true", help="print the report (or the plan) as JSON")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("info", help="format, inputs/outputs, params and FLOPs of a model")
@@ -265,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite an existing output folder")
     p.add_argument("--quick", action="store_true", help="smaller settings (used by the tests)")
     p.add_argument("--mlflow", nargs="?", const="on", metavar="URI", help=_MLFLOW_HELP)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
@@ -286,6 +331,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--space", help="candidate space file (YAML/JSON)")
     p.add_argument("--resume", action="store_true", help="reuse the cached candidates of -o")
     p.add_argument("--no-accuracy", action="store_true", help="latency only (unlabelled data)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="build and evaluate candidates in N local processes (default: one after the "
+        "other in this process); latency is always timed alone on the device",
+    )
+    p.add_argument(
+        "--ray",
+        metavar="local|auto|ADDRESS",
+        help="build and evaluate candidates as Ray tasks: 'local' (a private Ray instance), "
+        "'auto' or a cluster address; default: $DAMO_RAY_ADDRESS, else --workers",
+    )
+    p.add_argument(
+        "--device-resource",
+        metavar="NAME",
+        help="with --ray: time latency on the Ray node declaring this custom resource "
+        "(ray start --resources '{\"NAME\": 1}'), not on this machine",
+    )
     p.add_argument("-o", "--output", default="runs/optimize", help="output folder")
     p.add_argument("--force", action="store_true", help="replace an earlier run's outputs")
     p.add_argument("--json", action="store_true")
@@ -318,7 +382,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = [a for a in argv if a != "--debug"] + (["--debug"] if "--debug" in argv else [])
     if "--debug" in argv:
         argv = ["--debug", *argv[:-1]]
-    if not debug:
+    # --verbose (anywhere, or DAMO_VERBOSE=1; implied by --debug): backends' progress bars,
+    # log lines and warnings are shown instead of held back (core/progress.py)
+    verbose = "--verbose" in argv or is_verbose() or debug
+    argv = [a for a in argv if a != "--verbose"]
+    set_verbose(verbose)
+    if not verbose:
         import logging
 
         # Backends log internal notes (torch.export, NNCF, INC) that mean nothing to a user.
@@ -333,7 +402,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not getattr(args, "func", None):
             parser.print_help()
             return 2
-        return int(args.func(args) or 0)
+        with quiet_backends(verbose):
+            if getattr(args, "json", False):
+                # stdout carries exactly one JSON document; the rest goes to stderr
+                with json_stdout():
+                    return int(args.func(args) or 0)
+            return int(args.func(args) or 0)
     except DamoError as exc:
         if debug:
             raise

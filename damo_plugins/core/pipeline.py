@@ -4,7 +4,9 @@ Guarantees (see ``docs/reliability.md``):
 
 * the input model file is only read, never written;
 * each step's artifact is written to a temporary folder and renamed to ``OUTPUT/NN-step/``
-  only when complete, so a folder under its final name is always whole;
+  only when complete, so a folder under its final name is always whole; a single-step
+  verb's run (``flat=True``) moves the step's files into ``OUTPUT/`` itself instead, each
+  recorded as the tool's own before it is moved;
 * ``report.json``/``report.md`` are rewritten atomically after every step, so an interrupted
   run still says what it finished;
 * a step that raises, or whose verification fails, stops the run with a clear message and
@@ -48,11 +50,11 @@ class RunResult:
 
 
 def _resolve_model(spec: str, base: Path) -> str:
-    """Recipe-relative file paths; builder names stay as they are."""
-    p = Path(spec)
-    if not p.is_absolute() and (p.suffix or "/" in spec) and (base / p).exists():
-        return str(base / p)
-    return spec
+    """Recipe-relative file paths; builder names stay as they are (see
+    :func:`damo_plugins.core.recipe.resolve_model_path`)."""
+    from damo_plugins.core.recipe import resolve_model_path
+
+    return resolve_model_path(spec, base)
 
 
 def run(
@@ -64,23 +66,39 @@ def run(
     force: bool = False,
     model: Any = None,
     log: Callable[[str], None] = print,
+    flat: bool = False,
 ) -> RunResult:
     """Run ``recipe``; return the last artifact and the report.
 
     ``model`` overrides the recipe's model (a ``torch.nn.Module`` or artifact, for the
-    Python API).
+    Python API). ``output`` (``-o``) is taken as given; a recipe's own ``output`` is
+    relative to the recipe file (the loader resolves it).
+
+    ``flat`` is for single-step verbs (``damo-opt quantize -o DIR``): the one step's files
+    land in ``DIR`` itself, beside the report, instead of ``DIR/01-step/`` — a user who
+    typed ``-o DIR`` for one model expects the model there. The folder's ownership rules
+    are the same (each file is recorded in the manifest before it is moved in; a file the
+    tool did not write is never replaced). A recipe of several steps cannot be flat: their
+    files would overwrite each other.
     """
     mgr = manager or get_manager()
     loaded = recipe if isinstance(recipe, LoadedRecipe) else load_recipe(recipe, mgr)
     r = loaded.recipe
+    if flat and len(loaded.steps) != 1:
+        raise DamoError(
+            f"a flat output folder holds one step's files; this recipe has {len(loaded.steps)}",
+            "run it without flat output (one NN-step/ folder per step)",
+        )
     if model is None:
         check_chain(loaded)
     out = Path(output or r.output or Path("runs") / Path(loaded.source).stem)
     spec = model if model is not None else _resolve_model(r.model, loaded.base_dir)
     inputs = [spec] if isinstance(spec, str) and Path(spec).exists() else []
+    if isinstance(model, ModelArtifact) and model.path is not None:
+        inputs.append(model.path)  # a loaded file is still the run's input: never written to
     with OutputFolder(out) as folder, _sigterm_interrupts():
         folder.claim(force=force, inputs=inputs)
-        return _run_steps(loaded, spec, model, folder, mgr, verify, log)
+        return _run_steps(loaded, spec, model, folder, mgr, verify, log, flat)
 
 
 def _run_steps(
@@ -91,12 +109,14 @@ def _run_steps(
     mgr: PluginManager,
     verify: bool,
     log: Callable[[str], None],
+    flat: bool = False,
 ) -> RunResult:
     r, out = loaded.recipe, folder.path
     rep: dict[str, Any] = {
         "damo_plugins": __version__,
         "recipe": loaded.source,
-        "model": r.model if model is None else type(model).__name__,
+        # a verb passing the artifact it loaded names it in the recipe; a module has no name
+        "model": r.model if model is None or isinstance(model, ModelArtifact) else type(model).__name__,
         "output": str(out),
         "status": "running",
         "steps": [],
@@ -119,7 +139,9 @@ def _run_steps(
             log(f"{label} ...")
             pass_ = step.pass_cls(step.config)
             name = f"{number:02d}-{step.name}"
-            with folder.step_dir(name) as tmp:
+            # flat: the step's files go straight into the output folder (single-step verbs)
+            final_dir = out if flat else out / name
+            with folder.flat_dir(name) if flat else folder.step_dir(name) as tmp:
                 ctx = PassContext(manager=mgr, workdir=tmp, seed=r.seed, verify=verify, log=log)
                 res = run_step(pass_, art, ctx)
                 after, ver, seconds, config = res.artifact, res.verification, res.seconds, res.config
@@ -134,7 +156,7 @@ def _run_steps(
                     model_path = art.path  # unchanged model: no second copy on disk
                     write_text(tmp / "metrics.json", json.dumps(_plain(res.metrics), indent=2) + "\n")
                 else:
-                    model_path = out / name / after.save(tmp, manager=mgr).name
+                    model_path = final_dir / after.save(tmp, manager=mgr).name
             entry = _entry(number, step.name, after, config, ver, seconds, model_path, res.metrics)
             entry["size_bytes"] = _size(model_path)
             if entry["flops"]:

@@ -4,6 +4,14 @@ Recipes are data, never code: they are read with ``yaml.safe_load`` semantics (J
 by the same parser), a model is named by a registered builder or a file path, and each step
 names a pass provided by an installed plugin. Every problem is reported with its place in
 the file (``recipe.yaml:7: steps[1].prune: unknown option 'ratoi' (did you mean 'ratio'?)``).
+
+Paths in a recipe file are relative to the file's folder, wherever the command runs from:
+``model``, ``output`` and every step option whose ``Config`` field is marked as a path
+(``Field(..., json_schema_extra={"path": "data"})``, or ``"model"`` for an option that
+names a model like ``model`` does). Absolute paths and keywords (``synthetic``,
+``generated:8``, calibration source names) stay as written. A recipe given as a mapping
+(the Python API, verbs) is taken relative to the working directory, as its caller's paths
+are.
 """
 
 from __future__ import annotations
@@ -186,7 +194,11 @@ def load_recipe(
     *,
     source: str | None = None,
 ) -> LoadedRecipe:
-    """Read and validate a recipe (a file path, or an already-parsed mapping)."""
+    """Read and validate a recipe (a file path, or an already-parsed mapping).
+
+    A file's relative paths are made relative to its folder (see the module docstring).
+    """
+    from_file = not isinstance(path_or_data, Mapping)
     if isinstance(path_or_data, Mapping):
         data, loc = dict(path_or_data), _Locator(None, source or "<recipe>")
         base = Path.cwd()
@@ -207,11 +219,91 @@ def load_recipe(
         raise DamoError(f"{loc.where(where)}: {_fmt_loc(where) or 'recipe'}: {msg}") from None
     except TypeError as exc:  # non-string keys and the like
         raise DamoError(f"{loc.source}: invalid recipe: {exc}") from None
-    steps = [_parse_step(i, raw, manager, loc) for i, raw in enumerate(recipe.steps)]
+    if from_file and recipe.output is not None:
+        recipe.output = str(_under(base, recipe.output))
+    steps = [
+        _parse_step(i, raw, manager, loc, base if from_file else None)
+        for i, raw in enumerate(recipe.steps)
+    ]
     return LoadedRecipe(recipe, steps, loc.source, base)
 
 
-def _parse_step(i: int, raw: Any, manager: PluginManager, loc: _Locator) -> Step:
+# ------------------------------------------------------------------ relative paths
+#: model file suffixes: a relative ``model`` with one of these is a path, never a name
+MODEL_SUFFIXES = (".pt", ".pth", ".onnx", ".xml", ".bin")
+#: keywords a data option may hold instead of a path (besides calibration source names)
+DATA_KEYWORDS = ("synthetic", "generated")
+#: keys whose values are paths inside a mapping-valued data option ({coco: F, images: D})
+DATA_PATH_KEYS = ("coco", "images", "numpy", "path", "file", "folder", "dir", "data")
+
+
+def _under(base: Path, value: str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def resolve_model_path(spec: str, base: Path) -> str:
+    """``spec`` relative to ``base`` when it names a model file, else unchanged.
+
+    A registered builder (``damo-yolo-s``) has no model suffix and is no file next to the
+    recipe; anything else is a path, resolved whether or not it exists so that a missing
+    file is reported where the user meant it.
+    """
+    p = Path(spec).expanduser()
+    if p.is_absolute():
+        return str(p)
+    if p.suffix.lower() in MODEL_SUFFIXES or (base / p).exists():
+        return str(base / p)
+    return spec
+
+
+def _data_keyword(value: str, manager: PluginManager) -> bool:
+    """``synthetic``, ``generated``, ``generated:8``, ``images`` ...: not a path."""
+    head = value.split(":", 1)[0]
+    return "/" not in value and (head in DATA_KEYWORDS or head in manager.names("calibration"))
+
+
+def _resolve_data(value: Any, base: Path, manager: PluginManager) -> Any:
+    """A data option's paths relative to ``base``; keywords and non-strings unchanged."""
+    if isinstance(value, str):
+        if not value or _data_keyword(value, manager):
+            return value
+        return str(_under(base, value))
+    if isinstance(value, Mapping):
+        return {
+            k: _resolve_data(v, base, manager) if str(k) in DATA_PATH_KEYS else v
+            for k, v in value.items()
+        }
+    return value
+
+
+def path_kind(field: Any) -> str | None:
+    """``"data"``/``"model"`` when a ``Config`` field holds a path (its ``json_schema_extra``
+    says ``{"path": ...}``), else ``None``."""
+    extra = getattr(field, "json_schema_extra", None)
+    if isinstance(extra, Mapping) and extra.get("path") in ("data", "model"):
+        return str(extra["path"])
+    return None
+
+
+def _resolve_options(
+    options: Mapping[str, Any], config_cls: Any, base: Path, manager: PluginManager
+) -> dict[str, Any]:
+    """A step's options with every path-valued one relative to the recipe's folder."""
+    fields = getattr(config_cls, "model_fields", {})
+    out = dict(options)
+    for key, value in options.items():
+        kind = path_kind(fields.get(key))
+        if kind == "model" and isinstance(value, str):
+            out[key] = resolve_model_path(value, base)
+        elif kind == "data":
+            out[key] = _resolve_data(value, base, manager)
+    return out
+
+
+def _parse_step(
+    i: int, raw: Any, manager: PluginManager, loc: _Locator, base: Path | None = None
+) -> Step:
     from damo_plugins.core.passes import ConfigError
 
     where = loc.where(("steps", i))
@@ -236,8 +328,11 @@ def _parse_step(i: int, raw: Any, manager: PluginManager, loc: _Locator) -> Step
             raise DamoError(f"{where}: steps[{i}]: {clash}")
         raise DamoError(f"{where}: steps[{i}]: unknown step '{name}' ({suggest(name, known)})")
     pass_cls = manager.get_pass(name)
+    options = {str(k): v for k, v in options.items()}
+    if base is not None:
+        options = _resolve_options(options, pass_cls.Config, base, manager)
     try:
-        config = pass_cls.validate_config({str(k): v for k, v in options.items()}, manager)
+        config = pass_cls.validate_config(options, manager)
     except ValidationError as exc:
         sub, msg = _first_error(exc, list(pass_cls.Config.model_fields))
         full = ("steps", i, name, *sub)

@@ -70,7 +70,11 @@ class CalibrationSet(Sequence[np.ndarray]):
         return self._load(index)
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        for i in range(self._length):
+        # A full pass reads and pre-processes every image (tens of seconds for a few hundred):
+        # a progress bar on a terminal, a start and a done line in a log.
+        from damo_plugins.core.progress import track
+
+        for i in track(range(self._length), f"calibration samples {self.name}", unit="samples"):
             yield self._load(i)
 
     def subset(self, start: int, stop: int | None = None) -> CalibrationSet:

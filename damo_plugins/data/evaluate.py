@@ -295,12 +295,13 @@ def evaluate_artifact(
     """mAP of a torch/ONNX/OpenVINO detector artifact (one image per inference)."""
     import torch
 
+    from damo_plugins.core.progress import track
     from damo_plugins.data.evaluate import coco_map, postprocess, split_outputs, to_coco_detections
 
     n = len(dataset) if cfg.limit is None else min(cfg.limit, len(dataset))
     dets: list[dict[str, Any]] = []
     ids: list[int] = []
-    for i in range(n):
+    for i in track(range(n), f"evaluating {artifact.format} model", n, unit="images"):
         image, _, info = dataset[i]
         outs = artifact.run([image[None].numpy().astype(np.float32)], manager)
         scores, boxes = split_outputs([torch.from_numpy(np.asarray(o)) for o in outs])

@@ -56,8 +56,11 @@ def measure_latency(
     """Time ``infer()``: first call separately, ``warmup`` discarded, then the measured runs.
 
     Stops after ``iterations`` runs, or after ``seconds`` (at least 3 runs); with neither,
-    runs for 5 seconds.
+    runs for 5 seconds. A zero or negative count or time is a ``ValueError``: it would
+    measure nothing (or loop until ``seconds`` can never be reached), and a benchmark that
+    reports on no runs is worse than none.
     """
+    check_budget(iterations=iterations, seconds=seconds, warmup=warmup)
     if iterations is None and seconds is None:
         seconds = 5.0
     t0 = time.perf_counter()
@@ -81,19 +84,69 @@ def measure_latency(
     return stats
 
 
-def format_stats(stats: dict[str, Any]) -> str:
-    """One line for logs: backend, device, hint, median/p90 or FPS."""
-    where = f"{stats.get('adapter', '?')} {stats.get('device', '')} {stats.get('hint', '')}".strip()
-    if stats.get("hint") == "throughput":
-        return (
-            f"{where}: {stats.get('fps', 0):.1f} FPS with {stats.get('requests', '?')} requests "
-            f"(median latency {stats.get('median_ms', 0):.2f} ms)"
-        )
+def check_budget(
+    *, iterations: int | None = None, seconds: float | None = None, warmup: int = 0
+) -> None:
+    """Refuse a measuring budget that cannot measure: ``iterations`` and ``seconds`` > 0,
+    ``warmup`` >= 0 (zero warm-up runs is a legitimate choice; zero measured runs is not)."""
+    if iterations is not None and (isinstance(iterations, bool) or iterations < 1):
+        raise ValueError(f"iterations must be at least 1, got {iterations}")
+    if seconds is not None and not (seconds > 0 and math.isfinite(seconds)):
+        raise ValueError(f"seconds must be a positive number, got {seconds}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be 0 or more, got {warmup}")
+
+
+def _where(stats: Mapping[str, Any]) -> str:
+    return f"{stats.get('adapter', '?')} {stats.get('device', '')}".strip()
+
+
+def _latency_line(stats: Mapping[str, Any]) -> str:
+    batch = stats.get("batch")
+    per = f" per batch of {batch}" if batch and batch != 1 else ""
     return (
-        f"{where}: median {stats.get('median_ms', 0):.2f} ms, p90 {stats.get('p90_ms', 0):.2f} ms, "
-        f"min {stats.get('min_ms', 0):.2f}, max {stats.get('max_ms', 0):.2f}, "
-        f"first inference {stats.get('first_inference_ms', 0):.1f} ms"
+        f"latency{per}: median {stats.get('median_ms', 0):.2f} ms, "
+        f"p90 {stats.get('p90_ms', 0):.2f} ms, min {stats.get('min_ms', 0):.2f}, "
+        f"max {stats.get('max_ms', 0):.2f}, first inference "
+        f"{stats.get('first_inference_ms', 0):.1f} ms"
     )
+
+
+def _throughput_line(stats: Mapping[str, Any]) -> str:
+    batch = stats.get("batch") or 1
+    ips = stats.get("images_per_s")
+    if ips is None and stats.get("fps") is not None:
+        ips = stats["fps"] * batch
+    streams = f", {stats['streams']} streams" if stats.get("streams") else ""
+    return (
+        f"throughput: {ips or 0:.1f} images/s (batch {batch}, "
+        f"{stats.get('requests', '?')} requests{streams}; median "
+        f"{stats.get('median_ms', 0):.2f} ms per request)"
+    )
+
+
+def format_stats(stats: Mapping[str, Any], *, one_line: bool = False) -> str:
+    """Log lines for a benchmark: backend, device, shape, then latency and/or throughput.
+
+    ``stats`` is one measurement (``hint`` says which) or, as ``damo-opt bench`` reports
+    by default, a latency measurement with the throughput one under ``"throughput"``.
+    ``one_line`` joins the two with "; " (for a report's verification message).
+    """
+    head = _where(stats)
+    if stats.get("input_shape"):
+        head += f" {list(stats['input_shape'])}"
+    if stats.get("precision"):
+        head += f" {stats['precision']}"
+    lines = []
+    if stats.get("hint") == "throughput":
+        lines.append(_throughput_line(stats))
+    else:
+        lines.append(_latency_line(stats))
+        if isinstance(stats.get("throughput"), Mapping):
+            lines.append(_throughput_line(stats["throughput"]))
+    if len(lines) == 1 or one_line:
+        return f"{head}: {'; '.join(lines)}"
+    return f"{head}:\n" + "\n".join(f"  {line}" for line in lines)
 
 
 # ------------------------------------------------------------------- side by side

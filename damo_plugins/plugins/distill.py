@@ -16,7 +16,11 @@ from damo_plugins.core.verify import Verification
 
 
 class DistillConfig(PassConfig):
-    teacher: str = Field(..., description="teacher: a registered model or a .pt checkpoint")
+    teacher: str = Field(
+        ...,
+        description="teacher: a registered model or a .pt checkpoint",
+        json_schema_extra={"path": "model"},  # a file is relative to the recipe
+    )
     teacher_args: dict[str, Any] = Field(
         default_factory=dict, description="builder arguments of the teacher"
     )
@@ -24,7 +28,11 @@ class DistillConfig(PassConfig):
     tau: float = Field(1.0, gt=0)
     weight_start: float = Field(1.0, ge=0)
     weight_end: float = Field(0.1, ge=0)
-    data: str = Field(..., description="data folder (train/ + train.json, val/ + val.json)")
+    data: str = Field(
+        ...,
+        description="data folder (train/ + train.json, val/ + val.json)",
+        json_schema_extra={"path": "data"},  # relative to the recipe
+    )
     epochs: int = Field(5, ge=1)
     lr: float = Field(2e-3, gt=0)
     batch_size: int = Field(16, ge=1)

@@ -29,6 +29,7 @@ class EvaluateConfig(PassConfig):
         description="data folder (DATA/val + DATA/val.json) or 'synthetic' (the generated set "
         "the embedded model was trained on; 'generated' is the same). Required, except for "
         "the embedded model itself",
+        json_schema_extra={"path": "data"},  # relative to the recipe; keywords stay
     )
     split: str = Field("val", description="which split of the folder")
     images: int = Field(100, ge=1, description="images to generate for data: generated")
@@ -211,8 +212,9 @@ def _is_embedded(artifact: ModelArtifact) -> bool:
     source = artifact.meta.get("source")
     if not source:
         return False
-    asset = resources.files("damo_plugins") / "assets" / "damo-yolo-nano-synth.pt"
+    assets = resources.files("damo_plugins") / "assets"
+    shipped = ("damo-yolo-nano-synth.pt", "damo-yolo-t50-synth.pt")  # tests' and demo's models
     try:
-        return Path(str(source)).resolve() == Path(str(asset)).resolve()
+        return Path(str(source)).resolve() in {Path(str(assets / n)).resolve() for n in shipped}
     except OSError:
         return False

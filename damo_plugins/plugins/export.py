@@ -161,6 +161,18 @@ def _calibration(data: str) -> str:
     return str(root)
 
 
+#: step options of the one-shot recipe -> the ``damo-opt export`` flags that set them
+ONESHOT_FLAGS = {
+    "export.opset": "--opset",
+    "export.dynamic_batch": "--dynamic-batch",
+    "export.dynamic": "--dynamic",
+    "export.exporter": "--exporter",
+    "export.tolerance": "--tolerance",
+    "convert.compress_to_fp16": "--half",
+    "quantize.calibration": "--data",
+}
+
+
 def _cmd_oneshot(args: argparse.Namespace) -> int:
     """Fuse (when it changes the model), export, convert, INT8: one recipe of step names run
     by the pipeline into a temporary folder beside the destination; the final model files
@@ -231,7 +243,9 @@ def _cmd_oneshot(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         # backends print progress to stdout; stdout carries only the result (--json)
-        with contextlib.redirect_stdout(sys.stderr):
+        from damo_plugins.core.verbs import errors_as_flags
+
+        with contextlib.redirect_stdout(sys.stderr), errors_as_flags(ONESHOT_FLAGS):
             result = run(recipe, output=work / "run", model=art, force=True, log=log)
         final = Path(result.report["steps"][-1]["artifact"])
         sources = [final, *([final.with_suffix(".bin")] if fmt == "openvino" else [])]
@@ -265,7 +279,9 @@ def _cmd_oneshot(args: argparse.Namespace) -> int:
         "report": str(report),
     }
     if args.json:
-        print(json.dumps(summary, indent=2))
+        from damo_plugins.core.verbs import print_json
+
+        print_json(summary)  # the one document on stdout (damo-opt --json convention)
     else:
         for t in targets:
             print(t)

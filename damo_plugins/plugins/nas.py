@@ -144,7 +144,9 @@ def cmd_score(args: argparse.Namespace) -> int:
         latency_table=args.latency_table,
     )
     if args.json:
-        print(json.dumps(res, indent=2))
+        from damo_plugins.core.verbs import print_json
+
+        print_json(res)
         return 0
     focus = "with Focus" if not args.no_focus else "no Focus"
     print(f"madnas   {res['madnas']:.4f}")
@@ -283,6 +285,19 @@ def cmd_search(args: argparse.Namespace) -> int:
         f"{result.iterations:,} candidates in {result.seconds:.1f} s"
     )
     _log(f"train a detector on it: sh {files['train_command']} (recipe: {files['recipe']})")
+    if args.json:
+        from damo_plugins.core.verbs import print_json
+
+        print_json(
+            {
+                "best": {"score": best.score, **best.metrics.as_dict(), "latency_ms": best.latency_ms},
+                "initial_score": result.init.score,
+                "iterations": result.iterations,
+                "seconds": round(result.seconds, 3),
+                "files": {k: str(v) for k, v in files.items()},
+            }
+        )
+        return 0
     print(files["structure"])
     return 0
 
@@ -350,30 +365,37 @@ def cmd_profile(args: argparse.Namespace) -> int:
     for spec in args.structure:
         a2, g2 = analyzer_for(resolve_structure(spec), args.resolution, focus)
         keys.update(op_key(op) for op in a2.ops(g2))
-    _log(f"profiling {len(keys)} convolutions on {args.backend} {args.device} ...")
+    from damo_plugins.core.progress import Progress
+
+    # a bar on a terminal, a start and a done line in a log (not a "375/550" line per 25)
+    bar = Progress(
+        f"profiling {len(keys)} convolutions on {args.backend} {args.device}",
+        unit="measurements",
+    )
 
     def progress(done: int, total: int) -> None:
-        if done % 25 == 0 or done == total:
-            _log(f"  {done}/{total}")
+        bar.total = total
+        bar.advance(done - bar.completed)
 
-    table = profile(
-        keys,
-        backend=args.backend,
-        device=args.device,
-        threads=args.threads,
-        repeats=args.repeats,
-        rounds=args.rounds,
-        progress=progress,
-        meta={
-            "resolution": args.resolution,
-            "focus": focus,
-            "space": args.space,
-            "samples": args.samples,
-            "seed": args.seed,
-            "calibration_seed": args.seed + 1,
-            "calibration_steps": CALIBRATION_STEPS,
-        },
-    )
+    with bar:
+        table = profile(
+            keys,
+            backend=args.backend,
+            device=args.device,
+            threads=args.threads,
+            repeats=args.repeats,
+            rounds=args.rounds,
+            progress=progress,
+            meta={
+                "resolution": args.resolution,
+                "focus": focus,
+                "space": args.space,
+                "samples": args.samples,
+                "seed": args.seed,
+                "calibration_seed": args.seed + 1,
+                "calibration_steps": CALIBRATION_STEPS,
+            },
+        )
     if args.calibrate:
         _log(f"measuring {args.calibrate} whole backbones to calibrate the table ...")
         genomes = sample_genomes(space, init, args.calibrate, args.seed + 1, CALIBRATION_STEPS)
@@ -386,7 +408,30 @@ def cmd_profile(args: argparse.Namespace) -> int:
             f"{(cal.mean_rel_error_uncalibrated or 0) * 100:.1f} % -> "
             f"{(cal.mean_rel_error or 0) * 100:.1f} %"
         )
-    print(table.save(args.output))
+    saved = table.save(args.output)
+    if args.json:
+        from damo_plugins.core.verbs import print_json
+
+        cal = table.calibration
+        print_json(
+            {
+                "table": str(saved),
+                "convolutions": len(keys),
+                "backend": args.backend,
+                "device": args.device,
+                "resolution": args.resolution,
+                "calibration": None
+                if cal is None
+                else {
+                    "scale": cal.scale,
+                    "per_conv_ms": cal.per_conv_ms,
+                    "offset_ms": cal.offset_ms,
+                    "mean_rel_error": cal.mean_rel_error,
+                },
+            }
+        )
+        return 0
+    print(saved)
     return 0
 
 
@@ -437,7 +482,7 @@ def damo_cli(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("search", help="evolutionary search under budgets")
     p.add_argument(
-        "--init", default="init", help="initial structure (default: MAE-NAS's DAMO-YOLO start)"
+        "--init", default="init", help="initial structure ('init': MAE-NAS's DAMO-YOLO start)"
     )
     p.add_argument("--space", choices=("k1kx", "kxkx"), default="k1kx")
     p.add_argument("--kernels", type=_ints, default=(3, 5), help="allowed kernels (default 3,5)")
@@ -499,6 +544,7 @@ def damo_cli(subparsers: argparse._SubParsersAction) -> None:
         "--force", action="store_true", help="overwrite a finished search in the output folder"
     )
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the best structure and files as JSON")
     _common(p)
     p.set_defaults(func=cmd_search)
 
@@ -535,5 +581,6 @@ def damo_cli(subparsers: argparse._SubParsersAction) -> None:
         help="interleaved measurement rounds, fastest kept (default 1; more on a busy machine)",
     )
     p.add_argument("-o", "--output", default="latency.json")
+    p.add_argument("--json", action="store_true", help="print the table's summary as JSON")
     _common(p, entropy=False)
     p.set_defaults(func=cmd_profile)

@@ -63,7 +63,9 @@ class QuantizeConfig(PassConfig):
         None, description="output format (default per adapter)"
     )
     calibration: Any = Field(
-        "generated", description="{images: DIR, size: N} | {numpy: FILE} | {generated: N} | path"
+        "generated",
+        description="{images: DIR, size: N} | {numpy: FILE} | {generated: N} | path",
+        json_schema_extra={"path": "data"},  # relative to the recipe; keywords stay
     )
     subset_size: int = Field(300, ge=1, description="calibration samples to use")
     mode: Literal["int8", "weights"] = Field(
@@ -84,6 +86,7 @@ class QuantizeConfig(PassConfig):
         description="validation data for max_drop and the INT8 check: labelled (DIR with "
         "val/ + val.json, a COCO .json, {coco: ...}) -> mAP; images/.npy/generated -> "
         "agreement with FP32",
+        json_schema_extra={"path": "data"},  # relative to the recipe; keywords stay
     )
     val_size: int | None = Field(
         None, ge=1, description="validation samples for accuracy control (default: all of val)"
@@ -356,7 +359,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     step: dict[str, Any] = {
         "adapter": args.adapter,
-        "calibration": args.calib,
+        "calibration": _data_option(args.calib, "calibration"),
         "subset_size": args.subset,
     }
     if args.target:
@@ -369,7 +372,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             )
         step["max_drop"] = args.max_drop
     if args.val is not None:
-        step["val"] = args.val
+        step["val"] = _data_option(args.val, "val")
     if args.mode != "int8":
         step["mode"] = args.mode
     if args.no_keep_head:
@@ -392,7 +395,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         recipe["input_shape"] = args.input_shape
     if args.arch:
         recipe["arch"] = args.arch
-    try:
+    from damo_plugins.core.verbs import errors_as_flags, print_json, run_result_json
+
+    with errors_as_flags(FLAGS):
+        # flat: the model files and the report side by side in -o, no 01-quantize/
         res = run(
             recipe,
             manager=get_manager(),
@@ -400,12 +406,39 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             verify=not args.no_verify,
             force=args.force,
             log=_log,
+            flat=True,
         )
-    except DamoError as exc:
-        raise _in_flags(exc) from exc
+    if args.json:
+        print_json(run_result_json(res))
+        return 0
     print(f"report: {res.output / 'report.md'}")
     print(f"model:  {res.artifact.path}")
     return 0
+
+
+def _data_option(value: Any, role: str) -> Any:
+    """``--calib DATA`` / ``--val DATA`` read as ``--data`` is everywhere else.
+
+    A data set (COCO layout, the project layout, a dataset YAML, a COCO json) is resolved by
+    :func:`damo_plugins.data.sources.resolve`: calibration takes the train images (val when
+    there is no train split), validation the labelled val split. Anything else (an image
+    folder, ``.npy``, ``generated``) is passed on as the step option it always was.
+    """
+    path = Path(str(value))
+    if not (path.is_dir() or path.suffix.lower() in (".yaml", ".yml", ".json")):
+        return value
+    from damo_plugins.data.sources import resolve
+
+    try:
+        source = resolve(str(path))
+    except DamoError:  # not a data set: the step reports what is wrong with the option
+        return value
+    split = source.val if role == "val" else (source.train or source.val)
+    if split is None:  # a plain image folder
+        return value
+    if role == "val":
+        return {"coco": str(split.annotations.resolve()), "images": str(split.images.resolve())}
+    return {"images": str(split.images.resolve())}
 
 
 #: recipe key of the quantize step -> the flag a user of ``damo-opt quantize`` typed
@@ -418,21 +451,10 @@ FLAGS = {
     "val": "--val",
     "val_size": "--val-size",
     "mode": "--mode",
+    "keep_head_fp": "--no-keep-head",
+    "fuse": "--no-fuse",
+    "accept_fp_result": "--accept-fp-result",
 }
-
-
-def _in_flags(exc: DamoError) -> DamoError:
-    """The one-step recipe is an implementation detail: name the flag, not ``steps[0]...``."""
-    import re
-
-    text = exc.message
-    m = re.match(r"^<recipe>:\d+: steps\[0\]\.quantize\.(\w+): (.*)$", text)
-    if m and m.group(1) in FLAGS:
-        return type(exc)(f"{FLAGS[m.group(1)]}: {m.group(2)}", exc.hint)
-    m = re.match(r"^<recipe>:\d+: steps\[0\](?:\.quantize)?: (.*)$", text)
-    if m:
-        return type(exc)(m.group(1), exc.hint)
-    return exc
 
 
 @hookimpl
@@ -488,7 +510,10 @@ def damo_cli(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="keep the result even if accuracy control reverted every quantizer (reported FP32)",
     )
-    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument(
+        "-o", "--output", required=True, help="output folder: the model files and the report"
+    )
     p.add_argument("--no-verify", action="store_true", help="skip the INT8-vs-FP32 check")
     p.add_argument("--force", action="store_true", help="overwrite an existing output folder")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_quantize)

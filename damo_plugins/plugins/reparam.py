@@ -91,39 +91,84 @@ def damo_cli(subparsers: argparse._SubParsersAction) -> None:
         "--tolerance", type=float, default=1e-5, help="max error relative to output scale"
     )
     p.add_argument("--force", action="store_true", help="overwrite an existing checkpoint")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_fuse)
 
 
 def cmd_fuse(args: argparse.Namespace) -> int:
-    """``damo-opt fuse MODEL -o OUT``: fuse, check outputs, write ``OUT/model.pt``.
+    """``damo-opt fuse MODEL -o DIR``: fuse, check outputs, write ``DIR/model.pt`` and the
+    report beside it (``-o FILE.pt``: that one checkpoint, no report).
 
-    The step is applied by the step runner, as a recipe's ``reparam`` step is, so the verb
-    and the recipe cannot drift apart.
+    The step is applied by the step runner, as a recipe's ``reparam`` step is — for a
+    folder through the pipeline as a one-step recipe with flat output, so the folder gets
+    the same ownership rules (manifest, lock, ``--force`` replaces only the tool's files)
+    as every other verb's — and the verb and the recipe cannot drift apart.
     """
     from pathlib import Path
 
-    from damo_plugins.core.manager import get_manager
-    from damo_plugins.core.runner import run_step
-    from damo_plugins.core.verbs import log, model_from_args, pass_from_options
+    from damo_plugins.core.verbs import model_from_args, pass_from_options
 
     options = {"mode": args.mode, "fold_bn": not args.no_fold_bn, "tolerance": args.tolerance}
-    step = pass_from_options(ReparamPass, options)
+    step = pass_from_options(ReparamPass, options, {"fold_bn": "--no-fold-bn"})
     out = Path(args.output)
-    folder, stem = (out.parent, out.stem) if out.suffix in (".pt", ".pth") else (out, "model")
-    target = folder / f"{stem}.pt"
-    if target.exists() and not args.force:
-        raise DamoError(f"{target} already exists", "use --force to overwrite it")
+    if out.suffix in (".pt", ".pth"):
+        target = out
+        if target.exists() and not args.force:
+            raise DamoError(f"{target} already exists", "use --force to overwrite it")
     art = model_from_args(args)
     if art.format != "torch":
         raise DamoError(
             f"fuse takes a PyTorch model, not {art.format}", "give a model name or a .pt checkpoint"
         )
-    if art.path is not None and Path(art.path).resolve() == target.resolve():
-        raise DamoError(f"refusing to overwrite the input model {target}", "choose another -o")
+    if out.suffix in (".pt", ".pth"):
+        return _fuse_to_file(args, step, art, out)
+    return _fuse_to_folder(args, options, art, out)
 
+
+def _fuse_to_folder(
+    args: argparse.Namespace, options: dict[str, Any], art: ModelArtifact, out: Any
+) -> int:
+    from damo_plugins.core.manager import get_manager
+    from damo_plugins.core.pipeline import run
+    from damo_plugins.core.verbs import errors_as_flags, log, print_json, run_result_json
+
+    if not art.inputs:
+        log("input shape unknown: outputs not compared (give --input-shape to check them)")
+    recipe = {"model": str(args.model), "steps": [{"reparam": options}]}
+    with errors_as_flags(FUSE_FLAGS):
+        res = run(
+            recipe,
+            manager=get_manager(),
+            output=out,
+            model=art,
+            force=args.force,
+            # without an input shape there is nothing to run the check on: fuse, and say so
+            verify=bool(art.inputs),
+            log=log,
+            flat=True,
+        )
+    before, after = art.param_count() or 0, res.artifact.param_count() or 0
+    log(f"parameters: {before / 1e6:.3f}M -> {after / 1e6:.3f}M")
+    if args.json:
+        print_json(run_result_json(res))
+        return 0
+    print(res.artifact.path)
+    return 0
+
+
+def _fuse_to_file(args: argparse.Namespace, step: Pass, art: ModelArtifact, target: Any) -> int:
+    """``-o FILE.pt``: one checkpoint where the user said, written only when it matches."""
+    from pathlib import Path
+
+    from damo_plugins.core.manager import get_manager
+    from damo_plugins.core.runner import run_step
+    from damo_plugins.core.verbs import log, print_json
+
+    if art.path is not None and Path(art.path).resolve() == Path(target).resolve():
+        raise DamoError(f"refusing to overwrite the input model {target}", "choose another -o")
     mgr = get_manager()
     # without an input shape there is nothing to run the check on: fuse, and say so
-    ctx = PassContext(manager=mgr, workdir=folder, log=log, verify=bool(art.inputs))
+    ctx = PassContext(manager=mgr, workdir=Path(target).parent, log=log, verify=bool(art.inputs))
     res = run_step(step, art, ctx)
     fused = res.artifact
     if res.verification is not None:
@@ -137,5 +182,22 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         log("input shape unknown: outputs not compared (give --input-shape to check them)")
     before, after = art.param_count() or 0, fused.param_count() or 0
     log(f"parameters: {before / 1e6:.3f}M -> {after / 1e6:.3f}M")
-    print(fused.save(folder, stem=stem, manager=mgr))
+    saved = fused.save(Path(target).parent, stem=Path(target).stem, manager=mgr)
+    if args.json:
+        print_json(
+            {
+                "model": str(args.model),
+                "files": {"model": str(saved)},
+                "params_before": before,
+                "params_after": after,
+                "seconds": round(res.seconds, 3),
+                "verification": res.verification.to_dict() if res.verification else None,
+            }
+        )
+        return 0
+    print(saved)
     return 0
+
+
+#: reparam option -> the ``damo-opt fuse`` flag that sets it
+FUSE_FLAGS = {"mode": "--mode", "fold_bn": "--no-fold-bn", "tolerance": "--tolerance"}

@@ -42,6 +42,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
         max_minutes=args.max_minutes,
         progress=not args.no_progress,
     )
+    if args.json:
+        from damo_plugins.core.verbs import print_json
+
+        print_json(
+            {
+                "best_map": res.best_map,
+                "seconds": round(res.seconds, 3),
+                "output": str(res.output),
+                "checkpoints": sorted(str(f) for f in res.output.glob("*.pt")),
+                "history": res.history,
+            }
+        )
+        return 0
     print(
         f"best mAP@[.5:.95] {res.best_map:.4f} in {res.seconds / 60:.1f} min; checkpoints in {res.output}"
     )
@@ -80,6 +93,7 @@ def damo_cli(subparsers: Any) -> None:
     p.add_argument("-o", "--output", default="runs/train", help="run folder")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument(
         "--threads",
         type=int,

@@ -79,7 +79,7 @@ def test_quantize_command_writes_model_and_int8_report(
         ]
     )
     assert code == 0, capsys.readouterr().err
-    model = out / "01-quantize" / "model.onnx"
+    model = out / "model.onnx"  # a single-step verb writes where -o says (no 01-quantize/)
     assert model.is_file()
     report = json.loads((out / "report.json").read_text())
     step = report["steps"][-1]

@@ -147,7 +147,7 @@ def test_every_installed_adapter_declares_its_options() -> None:
         },
         "openvino": {
             "compile": ["hint", "precision", "properties", "threads"],
-            "benchmark": ["hint", "precision", "requests", "threads"],
+            "benchmark": ["hint", "precision", "requests", "streams", "threads"],
         },
     }
 

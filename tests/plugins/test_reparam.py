@@ -259,8 +259,9 @@ def test_cli_fuse(tmp_path, capsys) -> None:
     assert (out / "model.pt").is_file()
     captured = capsys.readouterr()
     assert "max rel. error" in captured.err and "24 RepConv(s) deployed" in captured.err
+    assert (out / "report.json").is_file()  # beside the model: -o as given, no 01-reparam/
     assert cli_main(argv) == 2  # refuses to overwrite
-    assert "already exists" in capsys.readouterr().err
+    assert "already holds the outputs of an earlier run" in capsys.readouterr().err
     onnx_file = tmp_path / "m.onnx"
     onnx_file.write_bytes(export_onnx(load_model("tiny-cnn")).SerializeToString())
     assert cli_main(["fuse", str(onnx_file), "-o", str(tmp_path / "x")]) == 2

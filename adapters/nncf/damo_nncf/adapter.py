@@ -110,9 +110,26 @@ class NNCFAdapter(Adapter):
     capabilities = ("quantize", "quantize_with_accuracy_control", "compress_weights")
     options = {"quantize": NNCFQuantizeOptions}
 
+    #: OpenVINO device families NNCF can place quantizers for (its ``target_device``)
+    TARGETS = ("CPU", "GPU", "NPU")
+
     def devices(self) -> list[str]:
-        # NNCF quantizes for a target device; it runs nothing itself.
-        return ["CPU", "GPU", "NPU"]
+        """Target devices NNCF can quantize for that are present on this machine.
+
+        NNCF runs nothing itself: its INT8 models run on OpenVINO, so a target is present
+        when OpenVINO sees that device (``GPU.0`` counts as ``GPU``). Listing every target
+        NNCF knows told users a CPU-only machine could deploy to a GPU and an NPU. Without
+        OpenVINO only the CPU (the ONNX path) is certain.
+        """
+        self.require_backend()
+        from damo_plugins.lib.openvino_graph import ov_core
+
+        try:
+            available = ov_core().available_devices
+        except ImportError:
+            return ["CPU"]
+        present = {d.split(".")[0] for d in available}
+        return [t for t in self.TARGETS if t in present] or ["CPU"]
 
     # ----------------------------------------------------------------- input
     def _source(self, artifact: ModelArtifact, target: str, torch_backend: bool) -> tuple[str, Any]:

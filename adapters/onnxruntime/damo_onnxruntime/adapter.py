@@ -35,6 +35,8 @@ DEVICE_PROVIDERS = {
     "CPU": ["CPUExecutionProvider"],
     "GPU": ["CUDAExecutionProvider", "CPUExecutionProvider"],
 }
+#: ONNX Runtime's input type names of float inputs -> numpy dtype names (others: int64)
+_ORT_FLOATS = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64"}
 CALIBRATE = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 
 
@@ -301,14 +303,25 @@ class ONNXRuntimeAdapter(Adapter):
         requests: int | None = None,
         providers: Sequence[str] | None = None,
     ) -> dict[str, Any]:
-        """Latency (one run at a time) or throughput (several runs in parallel threads)."""
+        """Latency (one run at a time) or throughput (several runs in parallel threads).
+
+        Measured at the artifact's input specs (the ``benchmark`` step resolves dynamic
+        dimensions to the shape asked for). A dynamic ONNX dimension takes that value; a
+        static one that differs cannot be changed in ONNX Runtime and is a clear error (an
+        export with ``--dynamic-batch`` / ``--dynamic`` can be measured at any shape).
+        """
         import os
         from concurrent.futures import ThreadPoolExecutor
 
         import numpy as np
 
-        from damo_plugins.lib.timing import measure_latency, summarize_ms
+        from damo_plugins.core.artifact import check_elements
+        from damo_plugins.lib.timing import check_budget, measure_latency, summarize_ms
 
+        try:
+            check_budget(iterations=iterations, seconds=seconds, warmup=warmup)
+        except ValueError as exc:
+            raise DamoError(f"cannot benchmark: {exc}") from None
         if hint not in ("latency", "throughput"):
             raise DamoError(f"unknown benchmark hint '{hint}'", "use latency or throughput")
         cores = os.cpu_count() or 1
@@ -320,13 +333,31 @@ class ONNXRuntimeAdapter(Adapter):
         rng = np.random.default_rng(0)
         feeds = {}
         for i, inp in enumerate(sess.get_inputs()):
-            shape = [d if isinstance(d, int) else 1 for d in inp.shape]
-            if i < len(artifact.inputs):
-                shape = [
-                    d if isinstance(d, int) else c
-                    for d, c in zip(inp.shape, artifact.inputs[i].concrete())
-                ]
-            feeds[inp.name] = (rng.random(shape) * 255).astype(np.float32)
+            declared = list(inp.shape)
+            want = artifact.inputs[i].concrete() if i < len(artifact.inputs) else None
+            if want is None or len(want) != len(declared):
+                want = [d if isinstance(d, int) and d > 0 else 1 for d in declared]
+            fixed = [
+                (k, d, w)
+                for k, (d, w) in enumerate(zip(declared, want))
+                if isinstance(d, int) and d > 0 and d != w
+            ]
+            if fixed:
+                k, d, _ = fixed[0]
+                what = "batch" if k == 0 else f"dimension {k}"
+                raise DamoError(
+                    f"cannot benchmark input '{inp.name}' at {want}: the ONNX model has a fixed "
+                    f"{what} of {d} {declared}",
+                    "ONNX Runtime cannot reshape a model: export it with --dynamic-batch "
+                    "(or --dynamic), or benchmark it with --adapter openvino",
+                )
+            check_elements(want, f"input '{inp.name}'")
+            dtype = _ORT_FLOATS.get(inp.type)
+            feeds[inp.name] = (
+                (rng.random(want) * 255).astype(dtype)
+                if dtype is not None
+                else rng.integers(0, 2, want).astype(np.int64)
+            )
         base = {
             "adapter": self.name,
             "backend_version": self.backend_version(),
@@ -337,13 +368,12 @@ class ONNXRuntimeAdapter(Adapter):
         }
         infer = lambda: sess.run(None, feeds)  # noqa: E731
         if hint == "latency":
-            return {
-                **base,
-                "requests": 1,
-                **measure_latency(infer, iterations=iterations, seconds=seconds, warmup=warmup),
-            }
+            stats = measure_latency(infer, iterations=iterations, seconds=seconds, warmup=warmup)
+            # one more run for the output shapes: proof of the shape really measured
+            shapes = [list(np.shape(o)) for o in infer()]
+            return {**base, "requests": 1, **stats, "output_shapes": shapes}
         t = time.perf_counter()
-        infer()
+        shapes = [list(np.shape(o)) for o in infer()]
         first_ms = (time.perf_counter() - t) * 1e3
         budget = seconds if seconds is not None else (None if iterations is not None else 5.0)
         per_worker = None if iterations is None else max(1, -(-iterations // n))
@@ -376,6 +406,7 @@ class ONNXRuntimeAdapter(Adapter):
             "fps": len(lat) / elapsed,
             "iterations": len(lat),
             "seconds": elapsed,
+            "output_shapes": shapes,
         }
 
 

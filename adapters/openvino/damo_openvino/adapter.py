@@ -15,6 +15,7 @@ OpenVINO 2026 removed ``openvino.runtime``: everything is imported from ``openvi
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import time
@@ -66,6 +67,9 @@ class OVBenchmarkOptions(AdapterOptions):
     )
     precision: Precision | None = Field(
         "f32", description="inference precision of float ops ('default': the device's choice)"
+    )
+    streams: int | None = Field(
+        None, ge=1, description="NUM_STREAMS (default: what the performance hint chooses)"
     )
 
 
@@ -280,25 +284,37 @@ class OpenVINOAdapter(Adapter):
         threads: int | None = None,
         requests: int | None = None,
         precision: str | None = "f32",
+        streams: int | None = None,
     ) -> dict[str, Any]:
         """Latency (one request at a time) or throughput (``AsyncInferQueue``), like benchmark_app.
 
-        ``precision`` as in :meth:`compile` (``f32`` by default, ``bf16``, or ``None`` /
-        ``"default"`` for the device's default); the precision used is reported.
+        Measured at the artifact's input specs: a dynamic model keeps its dynamic dimensions
+        and is fed tensors of those shapes (what ``benchmark_app -data_shape`` does, so the
+        model deployed is the model measured); a static dimension that differs is reshaped
+        (``-shape``). ``precision`` as in :meth:`compile` (``f32`` by default, ``bf16``, or
+        ``None`` / ``"default"`` for the device's default); the precision used is reported.
+        ``streams`` sets ``NUM_STREAMS`` over the hint's choice.
         """
-        from damo_plugins.lib.timing import measure_latency, summarize_ms
+        from damo_plugins.lib.timing import check_budget, measure_latency, summarize_ms
 
+        try:
+            check_budget(iterations=iterations, seconds=seconds, warmup=warmup)
+        except ValueError as exc:
+            raise DamoError(f"cannot benchmark: {exc}") from None
         self.require_backend()
         self.check_device(device)
         if hint not in ("latency", "throughput"):
             raise DamoError(f"unknown benchmark hint '{hint}'", "use latency or throughput")
         model = artifact.model if artifact.format == "openvino" else self.convert(artifact).model
+        model, shapes, reshaped = _fit_shapes(model, artifact)
         props: dict[str, Any] = {
             "PERFORMANCE_HINT": hint.upper(),
             **_precision_props(device, precision),
         }
         if threads:
             props["INFERENCE_NUM_THREADS"] = int(threads)
+        if streams:
+            props["NUM_STREAMS"] = int(streams)
         t0 = time.perf_counter()
         try:
             compiled = ov_core().compile_model(model, device, props)
@@ -308,7 +324,7 @@ class OpenVINOAdapter(Adapter):
                 f"OpenVINO could not compile the model for {device}: {first[:300]}"
             ) from exc
         compile_ms = (time.perf_counter() - t0) * 1e3
-        feeds = _feeds_for(compiled, artifact)
+        feeds = _feeds_for(compiled, shapes)
         base = {
             "adapter": self.name,
             "backend_version": self.backend_version(),
@@ -316,22 +332,28 @@ class OpenVINOAdapter(Adapter):
             "hint": hint,
             "compile_ms": compile_ms,
             "precision": _reported_precision(compiled),
+            "reshaped": reshaped,
         }
+        with contextlib.suppress(Exception):  # a virtual device may not report it
+            base["streams"] = int(compiled.get_property("NUM_STREAMS"))
+        import openvino as ov
+
+        # set_input_tensor, not writing into get_input_tensor(): for a dynamic input the
+        # request's own tensor is empty (shape 0), and filling it ran batch 0.
+        tensors = [ov.Tensor(f) for f in feeds]
         if hint == "latency":
             request = compiled.create_infer_request()
-            for i, f in enumerate(feeds):
-                request.get_input_tensor(i).data[...] = f
+            for i, t in enumerate(tensors):
+                request.set_input_tensor(i, t)
             stats = measure_latency(
                 request.infer, iterations=iterations, seconds=seconds, warmup=warmup
             )
-            return {**base, "requests": 1, **stats}
-        import openvino as ov
-
+            return {**base, "requests": 1, **stats, "output_shapes": _output_shapes(request)}
         n = int(requests or compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         queue = ov.AsyncInferQueue(compiled, n)
         for r in range(n):
-            for i, f in enumerate(feeds):
-                queue[r].get_input_tensor(i).data[...] = f
+            for i, t in enumerate(tensors):
+                queue[r].set_input_tensor(i, t)
         latencies: list[float] = []
         queue.set_callback(lambda req, start: latencies.append((time.perf_counter() - start) * 1e3))
         t = time.perf_counter()
@@ -363,7 +385,14 @@ class OpenVINOAdapter(Adapter):
             "fps": started / elapsed,
             "iterations": started,
             "seconds": elapsed,
+            "output_shapes": _output_shapes(queue[0]),
         }
+
+
+def _output_shapes(request: Any) -> list[list[int]]:
+    """Shapes of a request's last outputs: proof of the shape really run (a dynamic input
+    fed the wrong way runs batch 0 and still times something)."""
+    return [list(request.get_output_tensor(i).shape) for i in range(len(request.model_outputs))]
 
 
 def ov_message(exc: BaseException) -> str:
@@ -410,21 +439,59 @@ def _reported_precision(compiled: Any) -> str:
         return "?"
 
 
-def _feeds_for(compiled: Any, artifact: ModelArtifact) -> list[np.ndarray]:
-    """Seeded random inputs shaped like the compiled model's inputs (dynamic dims -> artifact's)."""
+def _fit_shapes(model: Any, artifact: ModelArtifact) -> tuple[Any, list[list[int]], bool]:
+    """The model to compile and the concrete input shapes to feed it.
+
+    Shapes come from the artifact's input specs (dynamic entries filled with 1, as
+    :meth:`~damo_plugins.core.artifact.TensorSpec.concrete` does; the ``benchmark`` step
+    resolves them before it gets here). A model whose *static* dimension differs from the
+    wanted shape (a batch-1 IR measured at ``--batch 8``) is reshaped on a clone; one that
+    cannot be (a hard-coded Reshape in the graph) is a clear error pointing at a dynamic
+    export. Dynamic dimensions are left dynamic.
+    """
+    shapes: list[list[int]] = []
+    conflict = False
+    for i, port in enumerate(model.inputs):
+        pshape = port.get_partial_shape()
+        want = artifact.inputs[i].concrete() if i < len(artifact.inputs) else None
+        rank = pshape.rank.get_length() if pshape.rank.is_static else None
+        if want is None or (rank is not None and len(want) != rank):
+            if not pshape.is_static:
+                raise DamoError(
+                    f"cannot benchmark: OpenVINO input {i} {pshape} is dynamic and its shape "
+                    "is not known",
+                    "give --input-shape",
+                )
+            want = [int(d) for d in pshape.to_shape()]
+        for d, w in zip(pshape, want):
+            if d.is_static and d.get_length() != w:
+                conflict = True
+        check_elements(want, f"input {i} of the OpenVINO model")
+        shapes.append(want)
+    if not conflict:
+        return model, shapes, False
+    import openvino as ov
+
+    clone = model.clone()
+    try:
+        clone.reshape({i: ov.PartialShape(s) for i, s in enumerate(shapes)})
+    except Exception as exc:
+        raise DamoError(
+            f"OpenVINO cannot reshape the model to {shapes[0]}: {ov_message(exc)[:200]}",
+            "export the model with --dynamic-batch (or --dynamic) to measure other shapes",
+        ) from exc
+    return clone, shapes, True
+
+
+def _feeds_for(compiled: Any, shapes: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    """Seeded random inputs of the given shapes, in the compiled model's input dtypes."""
     import numpy as np
     rng = np.random.default_rng(0)
     feeds = []
-    for i, port in enumerate(compiled.inputs):
-        pshape = port.get_partial_shape()
-        if pshape.is_static:
-            shape = [int(d) for d in pshape.to_shape()]
-        else:
-            shape = artifact.inputs[i].concrete() if i < len(artifact.inputs) else [1]
-        check_elements(shape, f"input {i} of the compiled model")
+    for port, shape in zip(compiled.inputs, shapes):
         dtype = port.get_element_type().to_dtype()
         if np.issubdtype(dtype, np.floating):
-            feeds.append((rng.random(shape) * 255).astype(dtype))
+            feeds.append((rng.random(list(shape)) * 255).astype(dtype))
         else:
-            feeds.append(rng.integers(0, 2, shape).astype(dtype))
+            feeds.append(rng.integers(0, 2, list(shape)).astype(dtype))
     return feeds
