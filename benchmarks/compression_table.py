@@ -4,31 +4,27 @@
     python benchmarks/compression_table.py --model damo-yolo-s --size 640 --no-map   # at scale
 
 The article shows original / quantized / pruned / quantized+pruned with params, FLOPs, mAP
-and latency (49.2 -> 48.1 mAP, 5.09 -> 1.95 ms). Here every row is made by the project's own
-passes and adapters, on the project's own trained model and data:
+and latency (49.2 -> 48.1 mAP, 5.09 -> 1.95 ms). This script is a thin caller of
+:mod:`damo_plugins.optimize`, not a second implementation: the rows are ``optimize``
+candidates and the latency columns ``compare`` calls.
 
-* **original**: the checkpoint as trained (RepConv branches and BatchNorm unfused), FP32;
-* **fused**: the ``reparam`` pass (branches merged, Conv+BN folded), FP32;
-* **distilled**: a distilled checkpoint (``--distilled``), fused, FP32 — only if given;
-* **pruned**: the ``prune`` pass on the unfused model (30 % by default; importance ``auto`` =
-  Taylor from loss gradients when fine-tuning data is there, else BN scale; global ranking;
-  3 iterative steps, each followed by fine-tuning on the synthetic train split through the
-  pass itself), then ``reparam``;
-* **INT8**: the ``quantize`` pass, NNCF -> OpenVINO IR, detector decode kept in FP;
-* **pruned + INT8** through NNCF, through Intel Neural Compressor (PT2E -> OpenVINO) and
-  through ONNX Runtime (static QDQ) — the best path (prune, fuse, quantize) per toolkit.
+* ``optimize`` (space: fuse, one pruning fraction with the prune pass's importance, scope and
+  iterative steps, each step followed by fine-tuning on the synthetic train split; INT8
+  through NNCF, Intel Neural Compressor and ONNX Runtime; no accuracy control) builds every
+  variant through the step runner, verifies each step, caches it under ``--work`` (a second
+  run reuses it) and measures mAP on its held-out split of the synthetic val set;
+* the table picks its rows from optimize's: **original** (as trained, FP32), **fused**
+  (``reparam``), **distilled** (``--distilled``, fused; only if given), **pruned** (+ fused),
+  **INT8** (NNCF on the fused model) and **pruned + INT8** per toolkit;
+* ``compare`` times them, one call per column, each interleaving its models in rounds
+  (speed-ups are medians of per-round ratios against the original in the same call):
+  OpenVINO at f32 and at the CPU plugin's default precision for every row (ONNX Runtime's
+  QDQ model runs in OpenVINO too, so ratios compare models, not runtimes), PyTorch eager for
+  the FP32 rows, ONNX Runtime where there is an ONNX model.
 
 Columns: parameters and FLOPs (counted on the PyTorch model a row comes from: quantization
 keeps the operations), size on disk of the file that is benchmarked (OpenVINO ``.xml`` +
-``.bin``, or the ``.onnx``), mAP on the held-out val split of the synthetic set (``evaluate``
-pass code: PyTorch for FP32 rows, OpenVINO for INT8 IR, ONNX Runtime for its QDQ model),
-latency in OpenVINO on CPU for *every* row (ONNX Runtime's QDQ model is run in OpenVINO too,
-so ratios compare models, not runtimes), at f32 and at the CPU plugin's default precision
-(bf16 on CPUs with AVX512-BF16/AMX), PyTorch eager latency of the FP32 rows and ONNX Runtime
-latency where it applies. Latency is measured in interleaved rounds: each round runs every
-(variant, runtime) pair in turn for ~``--slot-seconds``; we report the median of all samples
-and ratios as the median over rounds of per-round ratios, which cancels most of the drift of a
-shared machine.
+``.bin``, or the ``.onnx``), held-out mAP, latency per runtime.
 
 The Markdown section is printed and written into ``docs/benchmarks/compression.md`` (one
 section per model and size, so the two commands above fill one document), with a plot of
@@ -40,15 +36,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 # the shared helpers sit beside this script (on sys.path already when it runs as a script;
 # a test that loads it by path needs it added)
@@ -56,22 +49,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
     DOCS,
-    apply_pass,
     command,
-    interleaved_timing,
     log,
     machine,
     machine_line,
     packaged_checkpoint,
     parse_model_args,
-    verdict,
     write_section,
 )
 from common import round_ratio as _round_ratio
 
-from damo_plugins.core.artifact import ModelArtifact, load_model
+from damo_plugins.core.artifact import load_model
 from damo_plugins.core.errors import DamoError
-from damo_plugins.core.manager import PluginManager, get_manager
 from damo_plugins.core.report import human
 
 DOC = DOCS / "compression.md"
@@ -91,14 +80,14 @@ ARTICLE = [
 # ------------------------------------------------------------------------------ rows
 @dataclass
 class Row:
-    """One variant of the model and what was measured on it."""
+    """One variant of the model: a row of ``optimize``'s table, re-timed by ``compare``."""
 
     key: str
     label: str
-    source: ModelArtifact  # the PyTorch model the row comes from (params, FLOPs)
-    deploy: ModelArtifact  # what OpenVINO benchmarks (an IR, or ONNX Runtime's QDQ model)
-    eager: ModelArtifact | None = None  # FP32 rows: the PyTorch model timed eagerly
-    ort: ModelArtifact | None = None  # an ONNX model timed in ONNX Runtime
+    path: Path  # what OpenVINO benchmarks (an IR, or ONNX Runtime's QDQ model)
+    deploy_format: str
+    torch_path: Path | None = None  # FP32 rows: the PyTorch model timed eagerly
+    ort_path: Path | None = None  # an ONNX model timed in ONNX Runtime
     params: int | None = None
     flops: int | None = None
     size_bytes: int | None = None
@@ -108,7 +97,6 @@ class Row:
     mAP50: float | None = None
     map_runtime: str = ""
     notes: list[str] = field(default_factory=list)
-    latency: dict[str, float] = field(default_factory=dict)
 
 
 def _files_size(path: Path) -> tuple[int, int]:
@@ -120,25 +108,26 @@ def _files_size(path: Path) -> tuple[int, int]:
     return size, size
 
 
-def save_deploy(row: Row, mgr: PluginManager, folder: Path) -> None:
-    """Write what is benchmarked (and, for PyTorch rows, the checkpoint) and size it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = row.deploy.save(folder, manager=mgr)
-    row.size_bytes, row.weights_bytes = _files_size(path)
-    if row.eager is not None:
-        row.checkpoint_bytes = row.eager.save(folder, stem="checkpoint", manager=mgr).stat().st_size
-
-
 # -------------------------------------------------------------------------- building
-def resolve_model(args: argparse.Namespace, mgr: PluginManager) -> tuple[ModelArtifact, str]:
-    """The starting model and where it came from (a checkpoint, or random weights)."""
+def resolve_model(args: argparse.Namespace, work: Path) -> tuple[Path, str, int]:
+    """The starting model as a file, where it came from, and its input size.
+
+    A registered model with random weights is saved once under ``work`` so every step of
+    ``optimize`` (and a resumed run) starts from the same weights.
+    """
     model_args = parse_model_args(args.model_arg)
     shape = [1, 3, args.size, args.size] if args.size else None
     if args.checkpoint:
-        art = load_model(args.checkpoint, manager=mgr, input_shape=shape)
-        origin = f"checkpoint `{Path(args.checkpoint).name}`"
+        art = load_model(args.checkpoint, input_shape=shape)
+        path = Path(args.checkpoint)
+        origin = f"checkpoint `{path.name}`"
     elif args.model:
-        art = load_model(args.model, manager=mgr, input_shape=shape, model_args=model_args)
+        path = work / "input" / f"{args.model}-{args.size or 'default'}.pt"
+        if path.is_file():
+            art = load_model(path, input_shape=shape)
+        else:
+            art = load_model(args.model, input_shape=shape, model_args=model_args)
+            art.save(path.parent, stem=path.stem)
         origin = "random weights (latency only)" if args.no_map else "random weights"
     else:
         packaged = packaged_checkpoint()
@@ -147,7 +136,8 @@ def resolve_model(args: argparse.Namespace, mgr: PluginManager) -> tuple[ModelAr
                 "no trained checkpoint: the packaged demo model is not in this installation",
                 "pass --checkpoint PATH (a damo-plugins .pt), or --model NAME for random weights",
             )
-        art = load_model(packaged, manager=mgr, input_shape=shape)
+        art = load_model(packaged, input_shape=shape)
+        path = packaged
         origin = f"packaged checkpoint `damo_plugins/assets/{packaged.name}`"
     if art.meta.get("mAP") is not None:
         origin += (
@@ -161,250 +151,218 @@ def resolve_model(args: argparse.Namespace, mgr: PluginManager) -> tuple[ModelAr
             "the model has no architecture record (needed to prune and rebuild it)",
             "use a damo-plugins checkpoint or a registered model name",
         )
-    return art, origin
+    origin = f"`{art.arch['builder']}` {art.arch.get('kwargs')}, {origin}"
+    return path, origin, int(art.inputs[0].concrete()[-1])
 
 
-def prepare_data(args: argparse.Namespace, work: Path) -> Path | None:
-    """The synthetic set (seed 0) in our layout: the first train images (for fine-tuning) and
-    the first val images — the val split is never trained on. Reused when already written."""
-    if args.no_map and not args.finetune_epochs:
-        return None
-    from damo_plugins.data.synthetic import generate
+def space(args: argparse.Namespace, bf16: bool) -> dict[str, Any]:
+    """The table as an ``optimize`` space: fuse, one pruning fraction, INT8 per toolkit."""
+    runtimes = ["openvino-f32", "onnxruntime"] + (["openvino-bf16"] if bf16 else [])
+    return {
+        "fuse": True,
+        "prune": [args.prune_ratio],
+        "prune_steps": args.prune_steps,
+        "prune_importance": args.prune_importance,
+        "prune_scope": args.prune_scope,
+        "finetune_epochs": args.finetune_epochs,
+        "quantizers": ["nncf", "inc", "onnxruntime"],
+        "accuracy_control": False,  # the table shows plain INT8 per toolkit
+        "runtimes": runtimes,
+        "calibration": args.calib,
+        "control": max(1, min(100, args.val_images)),
+        "held_out": args.val_images,
+        # optimize's own timing only ranks its candidates: the table's latency is compare's
+        "rounds": 1,
+        "slot_seconds": 0.05,
+        "task_cpus": max(1, args.train_threads),
+    }
 
-    train = args.finetune_images if args.finetune_epochs else 0
-    root = work / f"data-{train}-{args.val_images}"
-    if not (root / "val.json").is_file():
-        log(f"generating {train} train / {args.val_images} val images (seed 0) in {root}")
-        generate(root, train=train, val=args.val_images, seed=0)
-    return root
+
+def data_spec(args: argparse.Namespace, sp: dict[str, Any]) -> str:
+    """The generated set (seed 0): train images for calibration and fine-tuning, val for the
+    control and held-out splits (never trained on)."""
+    train = max(args.calib, args.finetune_images if args.finetune_epochs else 0)
+    return f"synthetic:{train},{sp['control'] + sp['held_out']}"
+
+
+def _pick(rows: list[dict[str, Any]], what: str, runtime: str, precision: str = "f32") -> Any:
+    """The optimize row named ``what · runtime precision`` (``what`` may end in a prefix)."""
+    suffix = f" · {runtime} {precision}"
+    found = [r for r in rows if r["name"].endswith(suffix) and r["name"].startswith(what)]
+    exact = [r for r in found if r["name"] == what + suffix]
+    return (exact or found or [None])[0]
 
 
 def build_rows(
-    args: argparse.Namespace,
-    mgr: PluginManager,
-    base: ModelArtifact,
-    origin: str,
-    work: Path,
-    data: Path | None,
-) -> tuple[list[Row], list[str]]:
-    """Every variant, made by the passes; returns the rows and section-level notes."""
-    size = int(base.inputs[0].concrete()[-1])
-    ov = mgr.get_adapter("openvino")
-    notes = [
-        f"Model: `{base.arch['builder']}` {base.arch.get('kwargs')}, {origin}, input {size} px."
-    ]
-    tmp = work / "passes"
-    calib = {"synthetic": args.calib}
+    args: argparse.Namespace, work: Path, model: Path, size: int, bf16: bool
+) -> tuple[list[Row], dict[str, float], dict[str, Any]]:
+    """Every variant, made and evaluated by ``damo_plugins.optimize``."""
+    from damo_plugins.optimize import optimize
 
-    def fp32_row(key: str, label: str, torch_art: ModelArtifact) -> Row:
-        """An FP32 row: exported to ONNX (the ``export`` pass, checked in ONNX Runtime) and
-        converted to OpenVINO IR from that ONNX — the usual deploy path, and 2-3x quicker
-        here than OpenVINO tracing the PyTorch model."""
-        onnx_art = _export(torch_art, mgr, tmp)
-        return Row(key, label, torch_art, ov.convert(onnx_art), eager=torch_art, ort=onnx_art)
-
-    def int8_row(key: str, label: str, fp32: Row, adapter: str) -> Row:
-        """Quantize an FP32 row's model in the form the adapter takes without converting it
-        again (NNCF: the OpenVINO IR, ONNX Runtime: the ONNX export, INC: PyTorch)."""
-        src = {"nncf": fp32.deploy, "onnxruntime": fp32.ort}.get(adapter) or fp32.source
-        t0 = time.perf_counter()
-        res = apply_pass(
-            mgr,
-            "quantize",
-            {"adapter": adapter, "calibration": calib, "subset_size": args.calib},
-            src,
-            tmp,
-        )
-        q, metrics, check = res.artifact, res.metrics, verdict(res)
-        row = Row(key, label, fp32.source, q)
-        if q.format == "onnx":
-            row.ort = q
-        kept = len((metrics.get("quantization") or {}).get("kept_fp") or [])
-        row.notes.append(
-            f"{adapter}: {args.calib} calibration images, {kept} decode ops kept in FP, "
-            f"{time.perf_counter() - t0:.0f} s; INT8 check {check}"
-        )
-        return row
-
-    rows: list[Row] = []
-    log("original and fused ...")
-    rows.append(fp32_row("original", "original (unfused FP32)", base))
-    res = apply_pass(mgr, "reparam", {}, base, tmp)
-    rows.append(fp32_row("fused", "fused (reparam) FP32", res.artifact))
-    rows[-1].notes.append(f"reparam {verdict(res)}")
-    if args.distilled:
-        student = load_model(args.distilled, manager=mgr, input_shape=base.inputs[0].shape)
-        dfused = apply_pass(mgr, "reparam", {}, student, tmp).raise_if_failed().artifact
-        rows.append(fp32_row("distilled", "distilled (fused) FP32", dfused))
-        rows[-1].notes.append(f"distilled checkpoint `{Path(args.distilled).name}`")
-    else:
-        notes.append(
-            "No **distilled** row: no distilled checkpoint was given (`--distilled PATH`); the "
-            "`distill` pass makes one (see `docs/benchmarks/training.md`)."
-        )
-    log(f"pruning {args.prune_ratio:.0%} ...")
-    prune_cfg: dict[str, Any] = {
-        "ratio": args.prune_ratio,
-        "importance": args.prune_importance,
-        "scope": args.prune_scope,
-        "steps": args.prune_steps,
-    }
-    tuned = bool(args.finetune_epochs and data is not None)
-    if tuned:
-        prune_cfg.update(
-            finetune_epochs=args.finetune_epochs,
-            data=str(data),
-            img_size=size,
-            eval_limit=min(args.val_images, 100),
-            batch_size=16,
-            lr=1e-3,
-        )
-    epochs: list[float] = []
-
-    def prune_log(line: str) -> None:
-        found = re.search(r"\bseconds ([0-9.]+)", line)
-        if "fine-tune" in line and found:
-            epochs.append(float(found.group(1)))
-        log(line)
-
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, args.train_threads))
-    t0 = time.perf_counter()
-    try:
-        res = apply_pass(mgr, "prune", prune_cfg, base, tmp, log=prune_log)
-    finally:
-        torch.set_num_threads(threads)
-    pruned, pm, check = res.artifact, res.metrics, verdict(res)
-    prune_s = time.perf_counter() - t0
-    pruned_fused = apply_pass(mgr, "reparam", {}, pruned, tmp).raise_if_failed().artifact
-    pct = f"{args.prune_ratio:.0%}"
-    label = f"pruned {pct} + fine-tuned FP32" if tuned else f"pruned {pct} (no fine-tuning) FP32"
-    rows.append(fp32_row("pruned", label, pruned_fused))
-    rows[-1].notes.append(f"prune {check}")
-    if tuned:
-        rows[-1].notes.append(
-            f"importance {pm.get('importance')}, {args.prune_scope} ranking, "
-            f"{args.prune_steps} step(s); fine-tuning: {args.finetune_epochs} epoch(s) after each "
-            f"step on {args.finetune_images} train images "
-            f"at {size} px, batch 16, AdamW lr 1e-3, {args.train_threads} torch thread(s): "
-            f"{sum(epochs):.0f} s of training ({prune_s:.0f} s for the whole pass with its "
-            f"mAP checks); mAP on the first {prune_cfg['eval_limit']} val images: "
-            f"{_pct(pm.get('mAP_before'))} before pruning, {_pct(pm.get('mAP_pruned'))} right "
-            f"after the last step, {_pct(pm.get('mAP_finetuned'))} after its fine-tuning"
-        )
-    log("INT8 ...")
-    fused_row, pruned_row = rows[1], rows[-1]
-    rows.append(int8_row("int8", "INT8 (NNCF → OpenVINO)", fused_row, "nncf"))
-    rows.append(int8_row("pruned_int8", "pruned + INT8 (NNCF → OpenVINO)", pruned_row, "nncf"))
-    rows.append(int8_row("pruned_int8_inc", "pruned + INT8 (INC → OpenVINO)", pruned_row, "inc"))
-    rows.append(
-        int8_row("pruned_int8_ort", "pruned + INT8 (ONNX Runtime QDQ)", pruned_row, "onnxruntime")
+    sp = space(args, bf16)
+    out = work / "optimize"
+    res = optimize(
+        str(model),
+        data_spec(args, sp),
+        imgsz=size,
+        space=sp,
+        output=out,
+        resume=(out / "cache").is_dir(),
+        no_accuracy=args.no_map,
+        log=log,
     )
-    for row in rows:
-        row.params = row.source.param_count()
-        row.flops = row.source.flops()
-        save_deploy(row, mgr, work / "artifacts" / row.key)
-    return rows, notes
+    rows = res.rows
+    pct = f"{args.prune_ratio:.0%}"
+    tuned = bool(args.finetune_epochs)
+    pl = f"pruned {pct}" + (" + fine-tuned" if tuned else "")
+    want = [
+        ("original", "original (unfused FP32)", "original", "openvino"),
+        ("fused", "fused (reparam) FP32", "fused", "openvino"),
+        (
+            "pruned",
+            f"pruned {pct} + fine-tuned FP32" if tuned else f"pruned {pct} (no fine-tuning) FP32",
+            pl,
+            "openvino",
+        ),
+        ("int8", "INT8 (NNCF → OpenVINO)", "fused INT8 (nncf", "openvino"),
+        ("pruned_int8", "pruned + INT8 (NNCF → OpenVINO)", f"{pl} INT8 (nncf", "openvino"),
+        ("pruned_int8_inc", "pruned + INT8 (INC → OpenVINO)", f"{pl} INT8 (inc", "openvino"),
+        (
+            "pruned_int8_ort",
+            "pruned + INT8 (ONNX Runtime QDQ)",
+            f"{pl} INT8 (onnxruntime",
+            "onnxruntime",
+        ),
+    ]
+    if args.distilled:
+        want.insert(2, ("distilled", "distilled (fused) FP32", "fused", "openvino"))
+    made: list[Row] = []
+    missing: list[str] = []
+    for key, label, name, runtime in want:
+        src = rows
+        if key == "distilled":
+            src = _distilled(args, work, size)
+        r = _pick(src, name, runtime)
+        if r is None and key in ("original", "fused", "pruned", "int8", "pruned_int8"):
+            raise DamoError(  # the rows the goals are about
+                f"optimize made no '{name} · {runtime}' row",
+                "failures: " + ("; ".join(res.report["failed"]) or "see the log above"),
+            )
+        if r is None:  # one toolkit failed: the table says so and shows the others
+            why = [f for f in res.report["failed"] if f.startswith(name.split(" INT8")[0])]
+            missing.append(f"**{label}**: not made — " + ("; ".join(why) or "see the log"))
+            continue
+        row = Row(key, label, Path(r["path"]), "onnx" if runtime == "onnxruntime" else "openvino")
+        if "quantize" not in r["chain"]:
+            row.torch_path = Path(r["torch_path"]) if r["torch_path"] else None
+            ort = _pick(src, name, "onnxruntime")
+            row.ort_path = Path(ort["path"]) if ort else None
+        elif runtime == "onnxruntime":
+            row.ort_path = row.path
+        row.params, row.flops = r["params"], r["flops"]
+        row.size_bytes, row.weights_bytes = _files_size(row.path)
+        if row.torch_path is not None:
+            row.checkpoint_bytes = row.torch_path.stat().st_size
+        row.mAP, row.mAP50 = r["mAP"], r["mAP50"]
+        row.map_runtime = {"onnx": "ONNX Runtime", "openvino": "OpenVINO f32"}[row.deploy_format]
+        row.notes += _notes(r, args)
+        made.append(row)
+    extra: dict[str, float] = {}
+    for key, name in (("fused", "fused"), ("int8", "fused INT8 (nncf")):
+        r = _pick(rows, name, "openvino", "bf16")
+        if r is not None and r["mAP"] is not None:
+            extra[f"{key}_default_mAP"] = r["mAP"]
+    res.report["missing_rows"] = missing
+    return made, extra, res.report
 
 
-def _export(art: ModelArtifact, mgr: PluginManager, tmp: Path) -> ModelArtifact:
-    return apply_pass(mgr, "export", {"opset": 17}, art, tmp).raise_if_failed().artifact
+def _distilled(args: argparse.Namespace, work: Path, size: int) -> list[dict[str, Any]]:
+    """The distilled checkpoint fused and deployed, by ``optimize`` too."""
+    from damo_plugins.optimize import optimize
+
+    sp = {**space(args, False), "prune": [], "quantizers": [], "runtimes": ["openvino-f32"]}
+    out = work / "optimize-distilled"
+    return optimize(
+        args.distilled,
+        data_spec(args, space(args, False)),
+        imgsz=size,
+        space=sp,
+        output=out,
+        resume=(out / "cache").is_dir(),
+        no_accuracy=args.no_map,
+        log=log,
+    ).rows
+
+
+def _notes(r: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    """How a row was made, from the steps optimize recorded."""
+    notes = []
+    for st in r["steps"]:
+        if st["step"] in ("export", "convert"):
+            continue
+        ver = st["verification"] or "not verified"
+        m = st["metrics"]
+        if st["step"] == "prune":
+            pm = m.get("prune") or m
+            notes.append(
+                f"prune {ver}; importance {pm.get('importance')}, {args.prune_scope} ranking, "
+                f"{args.prune_steps} step(s), {st['seconds']} s (fine-tuning "
+                f"{args.finetune_epochs} epoch(s) per step, {args.train_threads} torch "
+                f"thread(s)); mAP on the control split: {_pct(pm.get('mAP_before'))} before, "
+                f"{_pct(pm.get('mAP_pruned'))} after pruning, {_pct(pm.get('mAP_finetuned'))} "
+                "after fine-tuning"
+            )
+        elif st["step"] == "quantize":
+            q = m.get("quantization") or {}
+            kept = len(q.get("kept_fp") or [])
+            notes.append(
+                f"{st['label']}: {args.calib} calibration images, {kept} decode ops kept in FP, "
+                f"{st['seconds']} s; INT8 check {ver}"
+            )
+        else:
+            notes.append(f"{st['step']} {ver}")
+    return notes
 
 
 def _pct(value: Any) -> str:
     return f"{100 * value:.1f}" if isinstance(value, (int, float)) else "—"
 
 
-# ---------------------------------------------------------------------------- accuracy
-class _CompiledRun:
-    """Duck-typed artifact for ``evaluate_artifact``: runs a model compiled at a chosen
-    OpenVINO precision (the adapter's own ``run`` always uses f32)."""
-
-    def __init__(self, compiled: Any) -> None:
-        self.compiled = compiled
-
-    def run(self, feeds: Sequence[np.ndarray], manager: Any = None) -> list[np.ndarray]:
-        res = self.compiled(list(feeds))
-        return [np.asarray(res[o]) for o in self.compiled.outputs]
-
-
-def measure_accuracy(
-    rows: list[Row], data: Path, args: argparse.Namespace, mgr: PluginManager
-) -> dict[str, float]:
-    """mAP of every row with the ``evaluate`` pass's code; returns extra figures (bf16)."""
-    from damo_plugins.data.evaluate import dataset_for, evaluate_artifact
-    from damo_plugins.plugins.evaluate import EvaluateConfig
-
-    cfg = EvaluateConfig(data=str(data), limit=args.val_images)
-    size = int(rows[0].source.inputs[0].concrete()[-1])
-    dataset = dataset_for(cfg, size)
-    extra: dict[str, float] = {}
-    for row in rows:
-        t0 = time.perf_counter()
-        # FP32 rows run in OpenVINO at f32 (the same numbers as PyTorch: the conversion is
-        # parity-checked, and PyTorch eager is ~30x slower here); ONNX Runtime's QDQ model
-        # runs in ONNX Runtime, its own runtime.
-        row.map_runtime = {"onnx": "ONNX Runtime", "openvino": "OpenVINO f32"}[row.deploy.format]
-        m = evaluate_artifact(row.deploy, dataset, cfg, mgr)
-        row.mAP, row.mAP50 = m["mAP"], m["mAP50"]
-        log(f"  mAP {row.key}: {100 * row.mAP:.2f} ({time.perf_counter() - t0:.0f} s)")
-    if not args.no_bf16:
-        ov = mgr.get_adapter("openvino")
-        for key in ("fused", "int8"):
-            row = next(r for r in rows if r.key == key)
-            compiled = ov.compile(row.deploy, "CPU", precision=None)
-            m = evaluate_artifact(_CompiledRun(compiled), dataset, cfg, mgr)  # type: ignore[arg-type]
-            extra[f"{key}_default_mAP"] = m["mAP"]
-    return extra
-
-
 # ----------------------------------------------------------------------------- latency
-def _runners(
-    rows: list[Row], mgr: PluginManager, feed: np.ndarray, bf16: bool
-) -> dict[tuple[str, str], Callable[[], Any]]:
-    """One zero-argument inference callable per (row, runtime), compiled once up front."""
-    import torch
-
-    from damo_plugins.core.onnx_utils import ort_session
-
-    ov = mgr.get_adapter("openvino")
-    runners: dict[tuple[str, str], Callable[[], Any]] = {}
-    precisions = [("ov_f32", "f32")] + ([("ov_default", None)] if bf16 else [])
-    for row in rows:
-        for name, precision in precisions:
-            compiled = ov.compile(row.deploy, "CPU", hint="latency", precision=precision)
-            request = compiled.create_infer_request()
-            request.get_input_tensor(0).data[...] = feed
-            runners[(row.key, name)] = request.infer
-        if row.eager is not None:
-            module = row.eager.model.eval()
-            x = torch.from_numpy(feed)
-
-            def eager(module: Any = module, x: torch.Tensor = x) -> Any:
-                with torch.no_grad():
-                    return module(x)
-
-            runners[(row.key, "torch")] = eager
-        if row.ort is not None:
-            sess = ort_session(row.ort.model)
-            feeds = {sess.get_inputs()[0].name: feed}
-            runners[(row.key, "ort")] = lambda sess=sess, feeds=feeds: sess.run(None, feeds)
-    return runners
-
-
-def interleaved_latency(
-    runners: dict[tuple[str, str], Callable[[], Any]], rounds: int, slot_seconds: float
+def measure_latency(
+    rows: list[Row], args: argparse.Namespace, size: int, bf16: bool
 ) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], list[float]]]:
-    """Median latency (ms) of every runner, and its per-round medians.
-
-    Each round runs every runner in turn (the order rotates between rounds) for about
-    ``slot_seconds`` after one warm-up call; the number of calls per slot is fixed up front
-    from a first estimate so every round weighs the same.
+    """Every row timed by ``compare``: OpenVINO f32 (and the CPU's default precision) for all
+    rows, PyTorch eager for the FP32 rows, ONNX Runtime where there is an ONNX model. Each
+    call interleaves its models in rounds; speed-ups are against the original in that call.
     """
-    times = interleaved_timing(runners, rounds, slot_seconds=slot_seconds, warmup=2, slot_warmup=1)
-    return {k: times.median(k) for k in runners}, {k: times.per_round(k) for k in runners}
+    from damo_plugins.optimize import compare
+
+    medians: dict[tuple[str, str], float] = {}
+    per_round: dict[tuple[str, str], list[float]] = {}
+    runs = [("ov_f32", "openvino", "f32", [(r.key, r.path) for r in rows])]
+    if bf16:
+        runs.append(("ov_default", "openvino", "default", [(r.key, r.path) for r in rows]))
+    runs.append(("torch", "torch", "f32", [(r.key, r.torch_path) for r in rows if r.torch_path]))
+    runs.append(("ort", "onnxruntime", "f32", [(r.key, r.ort_path) for r in rows if r.ort_path]))
+    for name, runtime, precision, models in runs:
+        if not models:
+            continue
+        log(f"latency: {name} ({len(models)} models, {args.rounds} interleaved rounds) ...")
+        out = compare(
+            [str(p) for _, p in models],
+            None,
+            runtime=runtime,
+            precision=precision,
+            imgsz=size,
+            rounds=args.rounds,
+            slot_seconds=args.slot_seconds,
+            log=log,
+        )
+        for (key, _), r in zip(models, out):
+            medians[(key, name)] = r["latency_ms"]
+            per_round[(key, name)] = r["latency_rounds_ms"]
+    return medians, per_round
 
 
 def round_ratio(
@@ -537,15 +495,16 @@ def markdown(
             bits.append(f"mAP run in {r.map_runtime}")
         if r.checkpoint_bytes:
             bits.append(f"`.pt` checkpoint {_mb(r.checkpoint_bytes)}")
-        if r.weights_bytes and r.deploy.format == "openvino":
+        if r.weights_bytes and r.deploy_format == "openvino":
             bits.append(f"IR weights file (`.bin`) {_mb(r.weights_bytes)}")
         if bits:
             lines.append(f"- **{r.label}**: " + "; ".join(bits) + ".")
     lines += [
-        f"- Latency: batch 1, {orig.deploy.input_shape} input, OpenVINO CPU plugin with the "
+        f"- Latency (`damo_plugins.optimize.compare`, one call per column): batch 1, "
+        f"[1, 3, {info['size']}, {info['size']}] input, OpenVINO CPU plugin with the "
         "LATENCY hint and its default threads (all cores), PyTorch and ONNX Runtime with their "
         f"default threads; {args.rounds} interleaved rounds of ~{args.slot_seconds} s per "
-        "(variant, runtime); medians of all samples, speed-ups are medians of per-round ratios "
+        "variant; medians of all samples, speed-ups are medians of per-round ratios "
         "against the original in the same runtime and precision. **f32** columns compile with "
         "`INFERENCE_PRECISION_HINT=f32` (the adapter's default); the other OpenVINO column "
         f"leaves the CPU plugin's default ({default_prec} here), which also applies to the float "
@@ -562,14 +521,17 @@ def markdown(
         )
     if has_map:
         lines.append(
-            f"- mAP: COCO mAP@[.5:.95] / mAP@.5 (×100) on the first {args.val_images} images of "
-            "the synthetic val split (seed 0; never trained on), letterboxed to the input, "
+            f"- mAP: COCO mAP@[.5:.95] / mAP@.5 (×100) on optimize's held-out split: "
+            f"{args.val_images} images of the synthetic val split (seed 0; never trained on, "
+            "disjoint from the control split that fine-tuning was checked on), letterboxed "
+            "to the input, "
             "DAMO's multi-class NMS (conf 0.05, IoU 0.7), pycocotools; ΔmAP in points vs the "
             "original."
         )
         if extra:
             lines.append(
-                f"- mAP@[.5:.95] at OpenVINO's default precision ({default_prec}): fused "
+                f"- mAP@[.5:.95] in OpenVINO at bf16 (the default precision here: "
+                f"{default_prec}): fused "
                 f"{_pct2(extra.get('fused_default_mAP'))}, INT8 {_pct2(extra.get('int8_default_mAP'))}."
             )
     lines.append(
@@ -668,6 +630,106 @@ def write_doc(path: Path, key: str, section: str) -> None:
     )
 
 
+# ------------------------------------------------------------------- latency check
+def latency_check(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
+    """Is optimize's latency the adapters benchmark's? The same IRs timed both ways.
+
+    optimize times a candidate with ``measure.runner`` + ``measure.latency`` (one compiled
+    request, calls filling a slot); ``benchmarks/bench_adapters.py`` with the OpenVINO
+    adapter's ``benchmark`` (compiled per call, ``iterations`` sequential requests, all
+    threads). Each round runs both methods on each model, order rotating; the figure is the
+    median over rounds of the per-round ratio optimize / adapters.
+    """
+    import numpy as np
+
+    from damo_plugins.core.manager import get_manager
+    from damo_plugins.lib.timing import interleave
+    from damo_plugins.optimize import measure, optimize
+
+    t0 = time.perf_counter()
+    work = Path(args.work) / "latency-check"
+    model, origin, size = resolve_model(args, Path(args.work))
+    sp = {
+        "quantizers": ["nncf"],
+        "runtimes": ["openvino-f32"],
+        "calibration": args.calib,
+        "control": 4,
+        "held_out": 4,
+        "rounds": 1,
+        "slot_seconds": 0.05,
+    }
+    res = optimize(
+        str(model),
+        f"synthetic:{args.calib},8",
+        imgsz=size,
+        space=sp,
+        output=work,
+        resume=(work / "cache").is_dir(),
+        no_accuracy=True,
+        log=log,
+    )
+    mgr = get_manager()
+    ov = mgr.get_adapter("openvino")
+    feed = np.load(work / "cache" / "feed.npy")
+    threads = os.cpu_count() or 2
+    measures: dict[tuple[str, str], Any] = {}
+    names = {"fused": "fused", "int8": "fused INT8 (nncf"}
+    for key, name in names.items():
+        art = load_model(_pick(res.rows, name, "openvino")["path"], manager=mgr)
+        fn = measure.runner(art, "openvino", "f32", "CPU", mgr, feed)
+
+        def opt_way(fn: Any = fn) -> float:
+            lat = measure.latency({"m": fn}, rounds=1, slot_seconds=args.slot_seconds)
+            return float(lat["m"]["median_ms"])
+
+        def adapter_way(art: Any = art) -> float:
+            return float(
+                ov.benchmark(
+                    art, "CPU", hint="latency", warmup=1, iterations=args.iters, threads=threads
+                )["median_ms"]
+            )
+
+        measures[(key, "optimize")] = opt_way
+        measures[(key, "adapters")] = adapter_way
+    log(f"latency check: {args.rounds} interleaved rounds ...")
+    got = interleave(measures, args.rounds)
+    import statistics
+
+    out: dict[str, Any] = {"rows": {}, "machine": machine()}
+    lines = [
+        "## optimize's latency vs the adapters benchmark's",
+        "",
+        f"Command (took {(time.perf_counter() - t0) / 60:.1f} min, a short run): "
+        f"`{command(__file__, argv)}`",
+        "",
+        machine_line(out["machine"]),
+        "",
+        f"Model: {origin}, {size} px; its fused FP32 and NNCF INT8 IRs made by optimize. Each "
+        f"of {args.rounds} rounds times each IR both ways, the order rotating: **optimize** "
+        "(`measure.runner` + `measure.latency`, what it runs per candidate: one compiled "
+        f"request, calls filling ~{args.slot_seconds} s) and **adapters** (the OpenVINO "
+        f"adapter's `benchmark` as `benchmarks/bench_adapters.py` calls it: LATENCY hint, "
+        f"{threads} threads, {args.iters} sequential requests after one warm-up). Medians of "
+        "per-round medians; the ratio is the median of per-round ratios.",
+        "",
+        "| model | optimize ms | adapters ms | optimize / adapters | within 5 % |",
+        "|---|---|---|---|---|",
+    ]
+    for key in names:
+        a, b = got[(key, "optimize")], got[(key, "adapters")]
+        ratio = statistics.median(x / y for x, y in zip(a, b))
+        ok = abs(ratio - 1) <= 0.05
+        out["rows"][key] = {"optimize": a, "adapters": b, "ratio": ratio, "ok": ok}
+        lines.append(
+            f"| {key} | {statistics.median(a):.2f} | {statistics.median(b):.2f} | "
+            f"{ratio:.3f} | {'yes' if ok else '**no**'} |"
+        )
+    out["markdown"] = "\n".join(lines) + "\n"
+    write_section(Path(args.check_doc), out["markdown"], key="latency-check")
+    print(out["markdown"])
+    return out
+
+
 # -------------------------------------------------------------------------------- main
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -701,6 +763,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds")
     p.add_argument("--slot-seconds", type=float, default=0.4, help="time per variant per round")
     p.add_argument("--no-bf16", action="store_true", help="skip the default-precision column")
+    p.add_argument(
+        "--latency-check",
+        action="store_true",
+        help="instead of the table: time optimize's latency against the adapters benchmark's "
+        "on the same IRs (writes a section of --check-doc)",
+    )
+    p.add_argument("--iters", type=int, default=4, help="--latency-check: adapter iterations")
+    p.add_argument("--check-doc", default=str(DOCS / "optimize.md"))
     p.add_argument("--work", default="runs/compression_table", help="artifacts and data")
     p.add_argument("--doc", default=str(DOC), help="Markdown file to write the section into")
     p.add_argument("--plot", help="PNG path (default: next to --doc)")
@@ -717,24 +787,31 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     t_start = time.perf_counter()
-    mgr = get_manager()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    base, origin = resolve_model(args, mgr)  # first: a bad path fails before any work
-    data = prepare_data(args, work)
-    rows, notes = build_rows(args, mgr, base, origin, work, data)
-    size = int(rows[0].source.inputs[0].concrete()[-1])
-    key = f"{rows[0].source.arch['builder']}-{size}"
-    extra: dict[str, float] = {}
-    if not args.no_map:
-        log("mAP ...")
-        extra = measure_accuracy(rows, data, args, mgr)  # type: ignore[arg-type]
-    log("latency (interleaved rounds) ...")
-    from damo_plugins.data.calibration import synthetic_images
+    if args.latency_check:
+        return latency_check(args, argv)
+    model, origin, size = resolve_model(args, work)  # first: a bad path fails before any work
+    from damo_plugins.optimize.measure import precision_supported
 
-    feed = synthetic_images(1, input_shape=rows[0].deploy.input_shape, seed=0)[0]
-    runners = _runners(rows, mgr, feed, bf16=not args.no_bf16)
-    medians, per_round = interleaved_latency(runners, args.rounds, args.slot_seconds)
+    bf16 = not args.no_bf16 and precision_supported("CPU", "bf16")
+    rows, extra, opt_report = build_rows(args, work, model, size, bf16=not args.no_map and bf16)
+    notes = [f"Model: {origin}, input {size} px."]
+    notes.append(
+        f"Made by `damo_plugins.optimize` (its cache and report: `{work / 'optimize'}`): "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in opt_report["seconds"].items())
+        + "; every step verified by its pass."
+    )
+    notes += opt_report["missing_rows"]
+    if not args.distilled:
+        notes.append(
+            "No **distilled** row: no distilled checkpoint was given (`--distilled PATH`); the "
+            "`distill` pass makes one (see `docs/benchmarks/training.md`)."
+        )
+    arch = load_model(str(model), input_shape=[1, 3, size, size]).arch or {}
+    key = f"{arch.get('builder', model.stem)}-{size}"
+    log("latency (interleaved rounds, compare) ...")
+    medians, per_round = measure_latency(rows, args, size, bf16=not args.no_bf16)
     doc = Path(args.doc)
     plot_path = Path(args.plot) if args.plot else None
     if plot_path is None:
@@ -743,7 +820,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
     title = f"{key}: {'latency vs mAP' if not args.no_map else 'latency'} per variant"
     made = plot(plot_path, rows, medians, not args.no_map, title)
-    info = machine()
+    info = {**machine(), "size": size}
     section = markdown(
         key,
         rows,
@@ -766,6 +843,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "plot": str(made) if made else None,
         "machine": info,
         "extra": extra,
+        "optimize": str(work / "optimize" / "optimize.json"),
         "rows": [
             {
                 "key": r.key,

@@ -202,6 +202,11 @@ class LocalExecutor(Executor):
     def workers(self) -> int:
         return max(1, self._workers)
 
+    @property
+    def in_process(self) -> bool:
+        """True with ``workers=0``: tasks run one after the other in this process."""
+        return self._workers == 0
+
     def describe(self) -> str:
         if self._workers == 0:
             return "this process"

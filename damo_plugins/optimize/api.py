@@ -20,9 +20,11 @@ from damo_plugins.core.errors import DamoError
 from damo_plugins.core.io import write_text
 from damo_plugins.core.manager import get_manager
 from damo_plugins.core.output import OutputFolder
+from damo_plugins.lib.executors import ExecutorError, open_executor, ray_address
 from damo_plugins.optimize import measure
 from damo_plugins.optimize.engine import (
     Candidate,
+    Node,
     Optimizer,
     OptimizeResult,
     _OutOfTime,
@@ -46,16 +48,32 @@ def optimize(
     force: bool = False,
     seed: int = 0,
     log: Callable[[str], None] = print,
+    workers: int | None = None,
+    ray: str | None = None,
+    device_resource: str | None = None,
 ) -> OptimizeResult:
     """Explore the candidate space; write the table, the best model and its recipe.
 
     ``max_drop`` is the largest allowed loss of mAP@[.5:.95] as a fraction (0.01 = one point)
     on the control split; ``space`` a space file or mapping (:class:`Space`).
+
+    Where building and evaluating candidates runs: this process by default (``workers``
+    ``None`` or 0), ``workers`` local processes, or Ray (``ray``: ``local``, ``auto`` or an
+    address; ``DAMO_RAY_ADDRESS`` when not given). Latency is always timed one candidate at
+    a time on the target device: this machine, or on Ray the node declaring the custom
+    resource ``device_resource``.
     """
     if not 0 <= max_drop < 1:
         raise DamoError(f"--max-drop {max_drop} must be in [0, 1)", "e.g. 0.01 for one mAP point")
     sp = load_space(space)
     budget = parse_duration(time_budget)
+    if workers is not None and workers < 0:
+        raise DamoError(f"--workers {workers} must be 0 or more", "0 runs everything here")
+    if device_resource and ray_address(ray) is None:
+        raise DamoError(
+            "--device-resource names a Ray node resource: it needs --ray (or DAMO_RAY_ADDRESS)",
+            "without Ray, latency is timed on this machine",
+        )
     out = Path(output)
     mgr = get_manager()
     t_start = time.perf_counter()
@@ -92,14 +110,25 @@ def optimize(
             seed=seed,
             mgr=mgr,
             log=log,
+            device_resource=device_resource,
         )
-        opt.prepare()
-        out_of_time = None
-        try:
-            opt.run()
-        except _OutOfTime as exc:
-            out_of_time = exc.message
-            log(f"optimize: {out_of_time}; reporting what was measured")
+        opt.prepare()  # first: bad data or a bad device cost no cluster start
+        with open_executor(ray, 0 if workers is None else workers) as executor:
+            opt.executor = executor
+            where = executor.describe()
+            try:
+                opt.run()
+            except _OutOfTime as exc:
+                opt.out_of_time = exc.message
+                log(f"optimize: {exc.message}; reporting what was measured")
+            except ExecutorError as exc:
+                first = exc.hint.split("; ")[0] + "; " if exc.hint else ""
+                raise DamoError(
+                    exc.message,
+                    f"{first}finished work is in the cache: rerun with --resume (with or "
+                    "without --ray) to continue",
+                ) from None
+        out_of_time = opt.out_of_time
         rows = table_rows(opt)
         if not rows:
             raise DamoError(
@@ -130,6 +159,10 @@ def optimize(
             "failed": opt.failed,
             "out_of_time": out_of_time,
             "cache": opt.stats,
+            "executor": where,
+            "timed_on": f"the Ray node with resource {device_resource}"
+            if device_resource
+            else "this machine (the driver)",
             "seconds": {k: round(v, 1) for k, v in opt.seconds.items()},
         }
         for name in ("optimize.json", "optimize.md"):
@@ -197,6 +230,13 @@ def table_rows(opt: Optimizer) -> list[dict[str, Any]]:
                 "speedup_original": r["speedup_original"],
                 "speedup_default": r["speedup_default"],
                 "cache_key": c.key,
+                # where the files are, and how each step of the chain went (for callers
+                # that re-measure or describe the rows, e.g. benchmarks/compression_table.py)
+                "path": str(opt.model_path(c)),
+                "torch_path": str(c.node.torch_source().path)
+                if c.node.torch_source().format == "torch"
+                else None,
+                "steps": _chain_info(c.node),
             }
         )
     rows.sort(key=lambda row: -row["speedup_original"])
@@ -206,6 +246,25 @@ def table_rows(opt: Optimizer) -> list[dict[str, Any]]:
         row["pareto"] = (row["mAP"] is None and row is rows[0]) or m > best_map
         best_map = max(best_map, m)
     return rows
+
+
+def _chain_info(node: Node) -> list[dict[str, Any]]:
+    """Step, verification, seconds and metrics of every node from the input to ``node``."""
+    out: list[dict[str, Any]] = []
+    n: Node | None = node
+    while n is not None and n.step is not None:
+        info = n.info or {}
+        out.append(
+            {
+                "step": n.step,
+                "label": n.label,
+                "verification": info.get("verification"),
+                "seconds": info.get("seconds"),
+                "metrics": info.get("metrics") or {},
+            }
+        )
+        n = n.parent
+    return out[::-1]
 
 
 def write_best(opt: Optimizer, best: Candidate, folder: OutputFolder) -> None:
@@ -327,6 +386,9 @@ def markdown(rep: dict[str, Any], plotted: bool) -> str:
         lines += ["", f"Stopped early: {rep['out_of_time']}."]
     secs = ", ".join(f"{k} {v:.0f} s" for k, v in rep["seconds"].items())
     lines += [
+        "",
+        f"Built and evaluated on: {rep['executor']}; latency timed on {rep['device']} of "
+        f"{rep['timed_on']}, one candidate at a time after all other work.",
         "",
         f"Wall time: {secs}. Cache: {rep['cache']['computed']} computed, "
         f"{rep['cache']['cached']} reused.",

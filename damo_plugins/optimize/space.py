@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -32,6 +32,13 @@ class Space(BaseModel):
     fuse: bool = Field(True, description="re-parameterize / fold BN (when it changes the model)")
     prune: list[float] = Field(
         default_factory=list, description="channel fractions to prune (each a candidate branch)"
+    )
+    prune_steps: int = Field(1, ge=1, le=20, description="iterative pruning steps per fraction")
+    prune_importance: Literal["auto", "l1", "l2", "bn", "taylor"] = Field(
+        "auto", description="channel importance (auto: Taylor with fine-tuning data, else BN)"
+    )
+    prune_scope: Literal["global", "uniform"] = Field(
+        "global", description="rank channels across layers (global) or per layer"
     )
     finetune_epochs: int = Field(1, ge=0, description="fine-tuning epochs after pruning")
     finetune_images: int | None = Field(
@@ -52,6 +59,18 @@ class Space(BaseModel):
     held_out: int | None = Field(100, ge=1, description="held-out images (reported), from val")
     rounds: int = Field(5, ge=1, description="interleaved latency rounds per candidate")
     slot_seconds: float = Field(0.25, gt=0, description="timing per variant per round")
+    task_cpus: float | None = Field(
+        None,
+        gt=0,
+        description="CPUs (and torch threads) per build/evaluation task (default: all of them "
+        "in this process, 1 in worker processes or on Ray)",
+    )
+    task_memory_gb: float | None = Field(
+        2.0,
+        gt=0,
+        description="memory a Ray task asks for (pruning with fine-tuning: twice); Ray places "
+        "tasks so they fit",
+    )
 
     def checked(self) -> Space:
         bad = [q for q in self.quantizers or [] if q not in QUANTIZERS]

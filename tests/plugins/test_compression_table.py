@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +49,14 @@ def _number(value: Any) -> bool:
 
 
 @pytest.fixture(scope="module")
-def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def result(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("compression")
+    with pytest.MonkeyPatch.context() as mp:  # synthetic data generated here, not in ~/.cache
+        mp.setenv("XDG_CACHE_HOME", str(tmp / "xdg"))
+        yield _run(tmp)
+
+
+def _run(tmp: Path) -> dict[str, Any]:
     # A checkpoint file, as a user passes one.
     art = load_model(
         "damo-yolo-t", input_shape=[1, 3, 128, 128], model_args={"width": 0.25, "num_classes": 6}
@@ -95,6 +102,12 @@ def test_every_row_has_numbers(result: dict[str, Any]) -> None:
     assert rows["pruned"]["params"] < rows["fused"]["params"] < rows["original"]["params"]
     assert rows["pruned_int8"]["size_bytes"] < rows["pruned"]["size_bytes"]
     assert rows["original"]["speedup_ov_f32"] == pytest.approx(1.0)
+    # a thin caller of optimize: its rows (and their held-out mAP) are optimize's
+    import json
+
+    made = json.loads(Path(result["optimize"]).read_text())["rows"]
+    assert {r["mAP"] for r in rows.values()} <= {r["mAP"] for r in made}
+    assert {r["params"] for r in rows.values()} <= {r["params"] for r in made}
 
 
 @pytest.mark.slow

@@ -101,6 +101,25 @@ def test_compare_two_formats(coco: Path, tmp_path: Path) -> None:
     assert isinstance(rows, list) and rows[0]["mAP"] is None and rows[0]["latency_ms"] > 0
 
 
+def test_quantize_reads_a_coco_folder_for_calib_and_val(coco: Path, tmp_path: Path) -> None:
+    """``--calib DATA --val DATA`` as ``--data`` everywhere: the train images calibrate, the
+    labelled val split checks INT8 by mAP (a COCO layout and a dataset YAML alike)."""
+    for name, data in (("layout", coco), ("yaml", coco / "data.yaml")):
+        proc = damo_opt(
+            "quantize", MODEL, "--adapter", "onnxruntime", "--calib", data, "--val", data,
+            "-o", tmp_path / name, "--json",
+        )  # fmt: skip
+        rep = _json(proc)
+        assert isinstance(rep, dict)
+        (step,) = [s for s in rep["steps"] if s["step"] == "quantize"]
+        cfg, ver = step["config"], step["verification"]
+        assert cfg["calibration"] == {"images": str((coco / "images" / "train2017").resolve())}
+        assert cfg["val"]["coco"].endswith("instances_val2017.json")
+        assert step["metrics"]["quantization"]["calibration_samples"] == 6  # all of train
+        assert ver["passed"] and ver["samples"] == 16  # every labelled val image
+        assert 0.15 < ver["mAP_fp32"] < 0.9 and abs(ver["mAP_drop"]) < 0.05
+
+
 def test_optimize_refuses_bad_requests(
     coco: Path, tmp_path: Path, cache_env: dict[str, str]
 ) -> None:
