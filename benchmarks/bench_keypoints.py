@@ -119,6 +119,10 @@ def full_main(argv: Sequence[str]) -> None:
     Random weights with trained scales (``random_detectron2_state``); ``--person-bias`` sets
     how many proposals pass the 0.05 score threshold, i.e. the detection count D, which drives
     the 512-channel keypoint head's cost. The export has dynamic H, W: one graph for all sizes.
+    ``--variants`` picks from eager, ort, ov (OpenVINO f32) and ov-int8 (NNCF INT8 of the
+    backbone + FPN, :mod:`damo_plugins.keypoints.int8`, calibrated on ``--calib`` random
+    images of the first size; its fidelity vs ov on two other random images is reported).
+    Ratios are to the first variant.
     """
     from damo_plugins.keypoints.export import OPENVINO_F32_CONFIG, export_keypoint_model
     from damo_plugins.keypoints.rcnn import KeypointRCNN, random_detectron2_state
@@ -129,8 +133,16 @@ def full_main(argv: Sequence[str]) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--sizes", default="800x1333,480x640", help="HxW,...")
     ap.add_argument("--person-bias", type=float, default=1.0)
+    ap.add_argument("--variants", default="eager,ort,ov", help="eager,ort,ov,ov-int8")
+    ap.add_argument("--calib", type=int, default=4, help="random calibration images (ov-int8)")
+    ap.add_argument("--key", default="full-model", help="section of --doc to write")
     ap.add_argument("--doc", default=str(DOCS / "keypoints.md"), help="Markdown to write into")
     args = ap.parse_args(argv)
+    variants = args.variants.split(",")
+    unknown = set(variants) - {"eager", "ort", "ov", "ov-int8"}
+    if unknown:
+        ap.error(f"unknown variants {sorted(unknown)}")
+    sizes = [tuple(int(v) for v in size.lower().split("x")) for size in args.sizes.split(",")]
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = KeypointRCNN().eval()
@@ -145,14 +157,32 @@ def full_main(argv: Sequence[str]) -> None:
     core = ov.Core()
     config = {**OPENVINO_F32_CONFIG, "INFERENCE_NUM_THREADS": args.threads}
     compiled = core.compile_model(core.read_model(proto.SerializeToString(), b""), "CPU", config)
-    variants = ["eager", "ort", "ov"]
+    notes: list[str] = []
+    if "ov-int8" in variants:
+        from damo_plugins.keypoints.int8 import compare_int8_model, quantize_keypoint_rcnn
+
+        g = torch.Generator().manual_seed(1)
+        h0, w0 = sizes[0]
+        calib = [(torch.rand(1, 3, h0, w0, generator=g) * 255).numpy() for _ in range(args.calib)]
+        held = [(torch.rand(1, 3, h0, w0, generator=g) * 255).numpy() for _ in range(2)]
+        log(f"quantizing on {args.calib} random {h0}x{w0} images ...")
+        t0 = time.perf_counter()
+        q_model, info = quantize_keypoint_rcnn(proto, calib)
+        log(f"quantized in {time.perf_counter() - t0:.0f} s: {info}")
+        q_compiled = core.compile_model(q_model, "CPU", config)
+        fid = compare_int8_model(proto, q_model, held, threads=args.threads)
+        notes.append(
+            f"ov-int8: {info['quantized_layers']} of {info['backbone_layers']} backbone/FPN "
+            f"layers INT8 ({info['fake_quantize']} FakeQuantize), everything else float; "
+            f"calibrated on {args.calib} random {h0}x{w0} images. Fidelity vs ov on 2 other "
+            "random images (random weights, so only indicative): "
+            + ", ".join(f"{k} {v:.3g}" for k, v in fid.items())
+        )
     rows = []
-    for size in args.sizes.split(","):
-        h, w = (int(v) for v in size.lower().split("x"))
+    for h, w in sizes:
         image = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(h)) * 255
         arr = image.numpy()
-        with torch.no_grad():
-            detections = model(image)[0].shape[0]
+        detections = len(compiled({0: arr})[compiled.output(0)])  # = eager's (tested)
         log(f"{h}x{w}: {detections} detections ...")
 
         def eager(image: torch.Tensor = image) -> None:
@@ -164,26 +194,31 @@ def full_main(argv: Sequence[str]) -> None:
             "ort": lambda arr=arr: sess.run(None, {"image": arr}),
             "ov": lambda arr=arr: compiled({0: arr}),
         }
-        times = interleaved_timing(fns, args.rounds, warmup=1)
+        if "ov-int8" in variants:
+            fns["ov-int8"] = lambda arr=arr: q_compiled({0: arr})
+        times = interleaved_timing({v: fns[v] for v in variants}, args.rounds, warmup=1)
         rows.append(
             [f"{h}x{w}", detections]
-            + [f"{times.median(v):.0f} ({times.ratio('eager', v):.2f}x)" for v in variants]
+            + [f"{times.median(v):.0f} ({times.ratio(variants[0], v):.2f}x)" for v in variants]
         )
     lines = [
-        "### Whole Keypoint R-CNN R50-FPN, FP32 (one graph: backbone, RPN, box head, keypoints)",
+        "### Whole Keypoint R-CNN R50-FPN (one graph: backbone, RPN, box head, keypoints): "
+        + ", ".join(variants),
         "",
         f"Command: `{command(__file__, argv)}`; {args.threads} thread(s), medians of "
-        f"{args.rounds} interleaved rounds after one warm-up; ratio = eager / variant. Random "
+        f"{args.rounds} interleaved rounds after one warm-up; ratio = {variants[0]} / variant. "
+        "Random "
         "weights with trained scales, pre/post-NMS top-k 1000, score threshold 0.05; D = "
         "detections (the keypoint head runs on D boxes). OpenVINO with the f32 hint.",
         "",
         machine_line(),
         "",
         *md_table(["image", "D", *(f"{v} ms (x)" for v in variants)], rows),
+        *(["", *notes] if notes else []),
     ]
     text = "\n".join(lines) + "\n"
     print(text)
-    log(f"wrote {write_section(args.doc, text, key='full-model')}")
+    log(f"wrote {write_section(args.doc, text, key=args.key)}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

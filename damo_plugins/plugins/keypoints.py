@@ -162,8 +162,16 @@ def damo_cli(subparsers: argparse._SubParsersAction) -> None:
         help="the whole Keypoint R-CNN R50-FPN (image -> boxes, scores, classes, keypoints) "
         "in one graph; --weights then loads the whole checkpoint",
     )
+    exp.add_argument(
+        "--int8",
+        action="store_true",
+        help="with --full: NNCF INT8 of the backbone + FPN (heads and post-processing float), "
+        "written as OpenVINO IR (-o X.xml); fidelity vs FP32 on held-out --calib images",
+    )
+    exp.add_argument("--calib", help="with --int8: a folder of images (or a .npy [N,3,H,W] BGR)")
     exp.add_argument("--num-keypoints", type=int, default=17)
     exp.add_argument("--no-verify", action="store_true", help="skip the ORT/OpenVINO checks")
+    exp.add_argument("--json", action="store_true", help="print the file and checks as JSON")
     exp.set_defaults(func=cli_export)
 
 
@@ -178,7 +186,10 @@ def cli_export(args: argparse.Namespace) -> int:
     )
 
     target = Path(args.output)
-    if target.suffix.lower() != ".onnx":
+    int8 = bool(getattr(args, "int8", False))
+    _check_int8_args(args, int8)
+    images = _int8_images(args.calib) if int8 else []  # a bad folder fails before the export
+    if not int8 and target.suffix.lower() != ".onnx":
         raise DamoError(f"output must be an .onnx file, got {target}", "e.g. -o keypoints.onnx")
     if args.num_keypoints < 1:
         raise DamoError("--num-keypoints must be at least 1")
@@ -204,6 +215,13 @@ def cli_export(args: argparse.Namespace) -> int:
             print(f"loaded {args.weights} ({len(unused)} unused entries)")
         rois = [0, 1, 4]
         proto = export_keypoint_model(module, opset=args.opset)
+    if int8:
+        status, record = _export_int8(proto, images, target)
+        if getattr(args, "json", False):
+            from damo_plugins.core.verbs import print_json
+
+            print_json(record)
+        return status
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as tmp:
         Path(tmp).write_bytes(proto.SerializeToString())
@@ -217,19 +235,82 @@ def cli_export(args: argparse.Namespace) -> int:
             f"core.compile_model(model, 'CPU', {OPENVINO_F32_CONFIG!r}) for f32 keypoints; "
             "the default on bf16-capable CPUs rounds boxes and heatmaps to bf16"
         )
+    result: dict[str, Any] = {
+        "output": str(target),
+        "model": None if args.postprocess_only else args.model,
+        "opset": args.opset,
+        "method": args.method,
+        "verification": {},
+    }
+    status = 0
     if not args.no_verify and hasattr(module, "proposal_generator"):
-        return _verify_full(module, proto)
-    if not args.no_verify:
+        status = _verify_full(module, proto, result["verification"])
+    elif not args.no_verify:
         for backend, per_r in verify_keypoint_model(module, proto, rois).items():
+            result["verification"][backend] = per_r
             for r, m in per_r.items():
                 shown = ", ".join(f"{k} {v:.3g}" for k, v in m.items())
                 print(f"  {backend:12s} {r:6s} {shown}")
                 if m["argmax_agreement"] < 1.0:
-                    return 3
-    return 0
+                    status = 3
+    result["passed"] = None if args.no_verify else status == 0
+    if args.json:
+        from damo_plugins.core.verbs import print_json
+
+        print_json(result)
+    return status
 
 
-def _verify_full(module: Any, proto: Any) -> int:
+def _check_int8_args(args: argparse.Namespace, int8: bool) -> None:
+    """``--int8`` / ``--calib`` / ``-o`` combinations, each mistake as one line."""
+    calib = getattr(args, "calib", None)
+    if not int8:
+        if calib:
+            raise DamoError("--calib is only used with --int8")
+        return
+    if not args.full:
+        raise DamoError(
+            "--int8 quantizes the whole Keypoint R-CNN", "add --full (the head alone is FP32)"
+        )
+    if not calib:
+        raise DamoError("--int8 needs calibration images", "add --calib DIR (a few dozen images)")
+    if Path(args.output).suffix.lower() != ".xml":
+        raise DamoError(
+            f"the INT8 model is an OpenVINO IR: -o must end in .xml, got {args.output}",
+            "e.g. -o keypoint_rcnn_int8.xml",
+        )
+
+
+def _int8_images(calib: str) -> list[Any]:
+    """The ``--calib`` images, resized and ordered as Detectron2 feeds its model."""
+    from damo_plugins.keypoints.int8 import read_bgr_images, split_holdout
+
+    images = read_bgr_images(calib)
+    split_holdout(images)  # enough images to hold some out, checked now
+    return images
+
+
+def _export_int8(proto: Any, images: list[Any], target: Path) -> tuple[int, dict[str, Any]]:
+    """Quantize, write the IR, print the fidelity on held-out images; ``(status, record)``
+    with status 3 when the fidelity is out of the bounds of :mod:`keypoints.int8`."""
+    from damo_plugins.keypoints.int8 import export_int8, fidelity_failures
+
+    info, fid = export_int8(proto, images, target)
+    print(
+        f"wrote {target} (INT8: {info['quantized_layers']} of {info['backbone_layers']} backbone "
+        f"layers, {info['quantized_ops']} quantized ops; {info['kept_float_ops']} ops float; "
+        f"calibrated on {info['calibration_images']} images)"
+    )
+    shown = ", ".join(f"{k} {v:.3g}" for k, v in fid.items())
+    print(f"  fidelity vs FP32 on {info['held_out_images']} held-out image(s): {shown}")
+    bad = fidelity_failures(fid)
+    if bad:
+        print(f"  INT8 fidelity out of bounds: {'; '.join(bad)}")
+    record = {"output": str(target), "quantization": info, "fidelity": fid, "passed": not bad}
+    return (3 if bad else 0), record
+
+
+def _verify_full(module: Any, proto: Any, record: dict[str, Any] | None = None) -> int:
     """Eager vs ORT / OpenVINO (f32) on two random images of different sizes."""
     import torch
 
@@ -239,6 +320,8 @@ def _verify_full(module: Any, proto: Any) -> int:
     images = [torch.rand(1, 3, h, w, generator=g) * 255 for h, w in ((128, 160), (96, 200))]
     status = 0
     for backend, per_image in verify_keypoint_rcnn(module, proto, images).items():
+        if record is not None:
+            record[backend] = {f"{h}x{w}": m for (h, w), m in zip(((128, 160), (96, 200)), per_image)}
         for (h, w), m in zip(((128, 160), (96, 200)), per_image):
             shown = ", ".join(f"{k} {v:.3g}" for k, v in m.items())
             print(f"  {backend:12s} {h}x{w} {shown}")

@@ -331,6 +331,9 @@ def test_r50_fpn_from_pkl_cli_export_matches_eager(tmp_path, capsys) -> None:
         full=True,
         num_keypoints=17,
         no_verify=True,
+        int8=False,
+        calib=None,
+        json=False,
     )
     assert cli_export(args) == 0
     assert "loaded" in capsys.readouterr().out
