@@ -179,6 +179,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     print(f"format: {info['format']}")
     print(f"params: {human(info['params'])} ({info['params']})")
+    if info["format"] != "torch":
+        # why an export's count differs from its PyTorch model's
+        print(
+            "        (the graph's weight constants: BatchNorm folded into convolutions, fixed"
+            " tensors such as anchor grids included; PyTorch counts learnable parameters)"
+        )
     print(f"FLOPs:  {human(info['flops'])}" + (f" ({info['flops']})" if info["flops"] else ""))
     for kind in ("inputs", "outputs"):
         for t in info[kind]:

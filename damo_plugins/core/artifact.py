@@ -174,14 +174,19 @@ class ModelArtifact:
         return self.meta.get("params")
 
     def flops(self) -> int | None:
-        """FLOPs of one forward pass at batch 1 (PyTorch models, ``torch.utils.flop_counter``).
+        """FLOPs of one forward pass at batch 1 (PyTorch models, ``torch.utils.flop_counter``;
+        ONNX and backend graphs counted from the graph the same way, at their own shapes).
 
         The counter needs shapes only, so it runs on a copy of the model on the meta device:
         no arithmetic and no memory instead of a full forward pass (seconds for a 640-px
         detector). A model that cannot run on meta (data-dependent code) is run for real.
         """
+        if self.format == "onnx":  # counted from the graph, the same way
+            from damo_plugins.core.onnx_utils import graph_flops
+
+            return graph_flops(self.model)
         if self.format != "torch" or not self.inputs:
-            return None
+            return self.meta.get("flops")  # backends' own formats: set by their adapter
         traced = self._shape_pass(batch=1)
         if traced is not None:
             return traced[1]

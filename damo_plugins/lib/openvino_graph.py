@@ -193,3 +193,40 @@ def ir_param_count(model: Any) -> int:
                 if n > 1:
                     total += n
     return total
+
+
+def ir_flops(model: Any) -> int | None:
+    """FLOPs of one inference of an OpenVINO model at its static shapes, read from the graph.
+
+    Counted as :mod:`torch.utils.flop_counter` counts PyTorch (2 x multiply-accumulates of
+    convolutions and matrix products), so a model, its ONNX export and its IR agree. An INT8
+    IR has the same count as its FP32 source: FLOPs describe the arithmetic, not its
+    precision. ``None`` when a counted op has a dynamic shape.
+    """
+    import math
+
+    total = 0
+    for op in model.get_ordered_ops():
+        kind = op.get_type_name()
+        if kind not in ("Convolution", "GroupConvolution", "MatMul", "ConvolutionBackpropData"):
+            continue
+        out, a, b = op.get_output_partial_shape(0), op.input(0).get_partial_shape(), op.input(
+            1
+        ).get_partial_shape()
+        if not (out.is_static and a.is_static and b.is_static):
+            return None
+        out_s, a_s, b_s = list(out.to_shape()), list(a.to_shape()), list(b.to_shape())
+        if kind == "Convolution":  # weights [Cout, Cin, k...]
+            macs = math.prod(out_s) * math.prod(b_s[1:])
+        elif kind == "GroupConvolution":  # weights [G, Cout/G, Cin/G, k...]
+            macs = math.prod(out_s) * math.prod(b_s[2:])
+        elif kind == "ConvolutionBackpropData":  # weights [Cin, Cout, k...]: per input value
+            macs = math.prod(a_s) * math.prod(b_s[1:])
+        elif len(b_s) == 1:  # matrix-vector (DFL's integral): not counted, as by torch
+            continue
+        else:
+            transpose_a = bool(op.get_attributes().get("transpose_a", False))
+            k = a_s[-2] if transpose_a and len(a_s) > 1 else a_s[-1]
+            macs = math.prod(out_s) * k
+        total += 2 * int(macs)
+    return total

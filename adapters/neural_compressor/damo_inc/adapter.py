@@ -327,6 +327,7 @@ class INCAdapter(Adapter):
 
             from damo_plugins.lib.openvino_graph import (
                 count_types,
+                ir_flops,
                 ir_param_count,
                 name_ports,
                 port_specs,
@@ -354,6 +355,7 @@ class INCAdapter(Adapter):
             out = artifact.derive("openvino", model)
             out.inputs, out.outputs = port_specs(model.inputs), port_specs(model.outputs)
             out.meta["params"] = ir_param_count(model)
+            out.meta["flops"] = ir_flops(model)
             info["fake_quantize"] = count_types(model, "FakeQuantize")
         else:
             from damo_plugins.core.artifact import onnx_artifact

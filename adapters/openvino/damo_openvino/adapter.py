@@ -28,7 +28,13 @@ from pydantic import Field
 from damo_plugins.core.adapter import Adapter, AdapterOptions
 from damo_plugins.core.artifact import ModelArtifact, check_elements
 from damo_plugins.core.errors import DamoError, UnsupportedError
-from damo_plugins.lib.openvino_graph import ir_param_count, name_ports, ov_core, port_specs
+from damo_plugins.lib.openvino_graph import (
+    ir_flops,
+    ir_param_count,
+    name_ports,
+    ov_core,
+    port_specs,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -158,6 +164,7 @@ class OpenVINOAdapter(Adapter):
         out = artifact.derive("openvino", model)
         out.meta["compress_to_fp16"] = compress_to_fp16
         out.meta["params"] = ir_param_count(model)
+        out.meta["flops"] = ir_flops(model)
         out.inputs = port_specs(model.inputs)
         out.outputs = port_specs(model.outputs)
         return out
@@ -199,6 +206,7 @@ class OpenVINOAdapter(Adapter):
             "openvino", model, inputs=port_specs(model.inputs), outputs=port_specs(model.outputs)
         )
         art.meta["params"] = ir_param_count(model)
+        art.meta["flops"] = ir_flops(model)
         return art
 
     # ----------------------------------------------------------- compile/run
