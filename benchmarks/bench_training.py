@@ -15,6 +15,11 @@ and writes ``docs/benchmarks/training.md``):
 * ``prune``: the ``train`` model pruned at 30 % and 50 % (L1, uniform) and fine-tuned;
   params, FLOPs, ONNX Runtime latency (interleaved rounds, medians) and mAP before pruning,
   after pruning and after fine-tuning.
+* ``ablation``: the ``train`` model (or ``--teacher``) pruned to ``--ablation-flops`` of
+  its FLOPs three ways, on the same seeds (``--seeds``): plain fine-tuning, fine-tuning with
+  the unpruned model as teacher (``recovery: distill``), and the latter with per-block ratios
+  from the sensitivity analysis (``allocation: sensitivity``); FLOPs and params actually
+  removed, mAP before / right after pruning / after recovery, CPU minutes of recovery.
 
 One torch thread by default: on a shared, oversubscribed 2-core machine two spinning
 intra-op threads were ~20x slower than one. We report wall-clock and CPU time (the latter is
@@ -52,7 +57,13 @@ from damo_plugins.core.manager import get_manager
 from damo_plugins.data.evaluate import evaluate
 from damo_plugins.data.synthetic import generate
 from damo_plugins.train.distill import distill
-from damo_plugins.train.loop import FitResult, TrainConfig, fit, save_checkpoint
+from damo_plugins.train.loop import (
+    FitResult,
+    TrainConfig,
+    fit,
+    load_train_state,
+    save_checkpoint,
+)
 from damo_plugins.train.trainer import data_splits
 
 ASSET = ROOT / "damo_plugins" / "assets" / "damo-yolo-nano-synth"
@@ -85,12 +96,63 @@ def _save(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=1))
 
 
+def widen_state(
+    small: dict[str, torch.Tensor], big: dict[str, torch.Tensor], noise: float, seed: int
+) -> dict[str, torch.Tensor]:
+    """``small``'s weights in a model whose every layer has the same or twice the channels.
+
+    Function-preserving widening: channel ``j`` of a doubled layer is a copy of the small
+    layer's channel ``j // 2`` (conv filters, BN statistics, biases), and a conv whose *input*
+    doubled sees each input twice, so its weights are halved. ``j // 2`` survives concat,
+    even-sized splits, residual adds and every per-channel op, so the wide model computes what
+    the small one does (checked by evaluating it before training). Twin channels would get
+    identical gradients forever; ``noise`` (relative to each conv weight's std) breaks the tie.
+    Why: a wider model trained from scratch needs ~12 epochs at 6-7 CPU-min each on a shared
+    2-core machine; starting from the trained narrow one starts at its mAP.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, target in big.items():
+        value = small[key].clone()
+        if value.shape == target.shape:
+            out[key] = value
+            continue
+        if value.ndim != target.ndim:
+            raise SystemExit(f"cannot widen {key}: {tuple(value.shape)} -> {tuple(target.shape)}")
+        for dim, (a, b) in enumerate(zip(value.shape, target.shape)):
+            if b == 2 * a:
+                value = value.repeat_interleave(2, dim=dim)
+                if dim == 1 and value.ndim >= 2:  # a doubled input: each seen twice
+                    value = value / 2
+            elif a != b:
+                raise SystemExit(
+                    f"cannot widen {key}: {tuple(small[key].shape)} -> {tuple(target.shape)}"
+                )
+        if value.is_floating_point() and value.ndim == 4 and noise > 0:
+            value = value + torch.randn(value.shape, generator=gen) * value.std() * noise
+        out[key] = value.to(target.dtype)
+    return out
+
+
+def _converged(history: list[dict[str, Any]], points: float = 0.5) -> bool:
+    """Whether validation mAP rose by less than ``points`` mAP points over the last 2 epochs."""
+    maps = [h["mAP"] for h in history if h.get("mAP") is not None]
+    return len(maps) >= 3 and (maps[-1] - maps[-3]) * 100 < points
+
+
 def section_train(args: argparse.Namespace) -> None:
     root = _data(args)
     train_set, val_set = data_splits(root, SIZE, seed=args.seed)
     out = Path(args.work) / "train"
     torch.manual_seed(args.seed)
     art = _build(args.width)
+    if args.widen_from and not args.resume and not args.adopt:
+        small = load_model(args.widen_from).model.state_dict()
+        art.model.load_state_dict(
+            widen_state(small, art.model.state_dict(), args.widen_noise, args.seed)
+        )
+        start = evaluate(art.model.eval(), val_set)
+        print(f"widened {args.widen_from}: val mAP {start['mAP']:.4f} before training", flush=True)
     cfg = TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch,
@@ -99,6 +161,7 @@ def section_train(args: argparse.Namespace) -> None:
         eval_limit=150,
         log_every=50,
         max_minutes=args.max_minutes,
+        warmup_iters=args.warmup_iters,
     )
     if args.adopt:
         # a run made earlier with these same settings (e.g. by `damo-opt train`): measure it
@@ -112,7 +175,11 @@ def section_train(args: argparse.Namespace) -> None:
             iterations=hist[-1]["iterations"],
         )
     else:
-        res = fit(art.model, train_set, cfg, val_set=val_set, output=out, arch=art.arch)
+        # --resume: continue an interrupted run from its last epoch end (same settings)
+        state = load_train_state(out / "last.pt") if args.resume else None
+        res = fit(
+            art.model, train_set, cfg, val_set=val_set, output=out, arch=art.arch, resume=state
+        )
     best = load_model(out / "best.pt")
     metrics = evaluate(best.model, val_set)
     result = {
@@ -121,8 +188,10 @@ def section_train(args: argparse.Namespace) -> None:
         "flops": best.flops(),
         "epochs_done": res.history[-1]["epoch"],
         "iterations": res.iterations,
-        "wall_min": round(res.seconds / 60, 1),
-        "cpu_min": round(res.cpu_seconds / 60, 1),
+        # from the per-epoch record, so a resumed run counts every epoch, not this process's
+        "wall_min": round(sum(h.get("seconds", 0.0) for h in res.history) / 60, 1),
+        "cpu_min": round(sum(h.get("cpu_seconds", 0.0) for h in res.history) / 60, 1),
+        "converged": _converged(res.history),
         "mAP": round(metrics["mAP"], 4),
         "mAP50": round(metrics["mAP50"], 4),
         "history": res.history,
@@ -134,10 +203,11 @@ def section_train(args: argparse.Namespace) -> None:
     _save(Path(args.work) / "train.json", result)
     print(json.dumps({k: v for k, v in result.items() if k != "history"}), flush=True)
     if args.save_asset:
-        ASSET.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(out / "best.pt", ASSET.with_suffix(".pt"))
+        asset = ASSET.with_name(args.asset)
+        asset.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out / "best.pt", asset.with_suffix(".pt"))
         info = {
-            "file": ASSET.with_suffix(".pt").name,
+            "file": asset.with_suffix(".pt").name,
             "builder": "damo-yolo-t",
             "kwargs": {"num_classes": 6, "width": args.width},
             "input_shape": [1, 3, SIZE, SIZE],
@@ -147,11 +217,22 @@ def section_train(args: argparse.Namespace) -> None:
             f"{args.val_images} val images",
             "val_mAP": result["mAP"],
             "val_mAP50": result["mAP50"],
-            "train": {k: result[k] for k in ("epochs_done", "iterations", "wall_min", "cpu_min")},
+            "train": {
+                **{
+                    k: result[k]
+                    for k in ("epochs_done", "iterations", "wall_min", "cpu_min", "converged")
+                },
+                "batch": args.batch,
+                "lr": args.lr,
+                "init": f"widened from {Path(args.widen_from).name}"
+                if args.widen_from
+                else "scratch",
+                "val_mAP_per_epoch": [round(h.get("mAP", float("nan")), 4) for h in res.history],
+            },
             "command": result["command"],
         }
-        _save(ASSET.with_suffix(".json"), info)
-        print(f"saved {ASSET.with_suffix('.pt')}", flush=True)
+        _save(asset.with_suffix(".json"), info)
+        print(f"saved {asset.with_suffix('.pt')}", flush=True)
 
 
 def _teacher(args: argparse.Namespace) -> Any:
@@ -271,6 +352,132 @@ def section_prune(args: argparse.Namespace) -> None:
             "command": command(__file__, args.argv),
         },
     )
+
+
+#: the ablation's rows: (label, prune options that differ); everything else is shared
+ABLATION = (
+    ("fine-tuning", {"recovery": "finetune", "allocation": "uniform"}),
+    ("distillation", {"recovery": "distill", "allocation": "uniform"}),
+    ("distillation + sensitivity", {"recovery": "distill", "allocation": "sensitivity"}),
+)
+
+
+def section_ablation(args: argparse.Namespace) -> None:
+    """Recovery ablation: same base model, FLOPs target, steps, epochs and seeds per row."""
+    root = _data(args)
+    size = args.ablation_size
+    base = load_model(
+        Path(args.teacher) if args.teacher else Path(args.work) / "train" / "best.pt",
+        input_shape=[1, 3, size, size],
+    )
+    out = Path(args.work) / "ablation.json"
+    previous = json.loads(out.read_text()) if out.exists() else {}
+    runs: dict[str, Any] = previous.get("runs", {}) if args.ablation_merge else {}
+    for seed in (int(x) for x in args.seeds.split(",")):
+        for label, options in ABLATION:
+            cfg = {
+                "flops": args.ablation_flops,
+                "steps": args.prune_steps,
+                "finetune_epochs": args.finetune_epochs,
+                "lr": args.ablation_lr,
+                "batch_size": args.batch,
+                "data": str(root),
+                "img_size": size,
+                "eval_limit": args.ablation_eval,
+                "sensitivity_images": args.sensitivity_images,
+                "cache_dir": str(Path(args.work) / "sensitivity-cache"),
+                "recovery_iters": args.recovery_iters,
+                **options,
+            }
+            t0 = time.perf_counter()
+            res = apply_pass(
+                get_manager(), "prune", cfg, base, Path(args.work), log=quiet, seed=seed
+            )
+            m = res.metrics
+            row = {
+                "seed": seed,
+                "label": label,
+                **{
+                    k: m.get(k)
+                    for k in (
+                        "flops_removed",
+                        "params_removed",
+                        "mAP_before",
+                        "mAP_pruned",
+                        "mAP_recovered",
+                        "recovery_cpu_seconds",
+                        "recovery_seconds",
+                    )
+                },
+                "sensitivity_cached": (m.get("sensitivity") or {}).get("cached"),
+                "wall_min": round((time.perf_counter() - t0) / 60, 2),
+                "check": verdict(res),
+            }
+            runs[f"{label} / seed {seed}"] = row
+            print(json.dumps(row), flush=True)
+    _save(
+        out,
+        {
+            "runs": runs,
+            "flops": args.ablation_flops,
+            "steps": args.prune_steps,
+            "epochs": args.finetune_epochs,
+            "recovery_iters": args.recovery_iters,
+            "size": size,
+            "eval_images": args.ablation_eval,
+            "command": command(__file__, args.argv),
+        },
+    )
+
+
+def _ablation_report(a: dict[str, Any]) -> list[str]:
+    def pct(x: float | None) -> str:
+        return "—" if x is None else f"{x:.1%}"
+
+    def num(x: float | None) -> str:
+        return "—" if x is None else f"{x:.3f}"
+
+    rows = [
+        [
+            r["label"],
+            r["seed"],
+            pct(r["flops_removed"]),
+            pct(r["params_removed"]),
+            num(r["mAP_before"]),
+            num(r["mAP_pruned"]),
+            num(r["mAP_recovered"]),
+            "—"
+            if r["mAP_recovered"] is None or r["mAP_before"] is None
+            else f"{(r['mAP_recovered'] - r['mAP_before']) * 100:+.1f}",
+            "—" if r["recovery_cpu_seconds"] is None else f"{r['recovery_cpu_seconds'] / 60:.1f}",
+        ]
+        for r in a["runs"].values()
+    ]
+    iters = f", at most {a['recovery_iters']} iterations per epoch" if a.get("recovery_iters") else ""
+    return [
+        "### Pruning recovery ablation",
+        "",
+        *_made_by(a),
+        f"Target: {a['flops']:.0%} of the FLOPs removed in {a['steps']} step(s), each "
+        f"recovered by {a['epochs']} epoch(s){iters}; {a['size']} px; mAP on the first "
+        f"{a['eval_images'] or 'all'} val images (the control split). Same seeds per row.",
+        "",
+        *md_table(
+            [
+                "recovery",
+                "seed",
+                "FLOPs removed",
+                "params removed",
+                "mAP before",
+                "mAP pruned",
+                "mAP recovered",
+                "ΔmAP (points)",
+                "recovery CPU min",
+            ],
+            rows,
+        ),
+        "",
+    ]
 
 
 def _fmt_m(x: float | None) -> str:
@@ -402,6 +609,8 @@ def section_report(args: argparse.Namespace) -> str:
             *md_table([*head, "speed-up", "mAP", "mAP pruned", "mAP fine-tuned"], rows),
             "",
         ]
+    if (work / "ablation.json").exists():
+        lines += _ablation_report(json.loads((work / "ablation.json").read_text()))
     text = "\n".join(lines) + "\n"
     write_section(args.doc, text)
     print(text)
@@ -413,7 +622,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("section", choices=("all", "train", "distill", "prune", "report"))
+    ap.add_argument(
+        "section", choices=("all", "train", "distill", "prune", "ablation", "report")
+    )
     ap.add_argument("--work", default="runs/bench_training")
     ap.add_argument("--train-images", type=int, default=3000)
     ap.add_argument("--val-images", type=int, default=300)
@@ -437,9 +648,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--prune-steps", type=int, default=3)
     ap.add_argument("--finetune-lr", type=float, default=1e-3)
     ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--ablation-flops", type=float, default=0.3, help="fraction of FLOPs removed")
+    ap.add_argument("--ablation-size", type=int, default=SIZE, help="ablation input size")
+    ap.add_argument("--ablation-eval", type=int, default=None, help="control images (mAP)")
+    ap.add_argument("--ablation-merge", action="store_true", help="keep earlier ablation rows")
+    ap.add_argument("--sensitivity-images", type=int, default=64)
+    ap.add_argument("--recovery-iters", type=int, default=None, help="cap per epoch (smoke)")
+    ap.add_argument("--seeds", default="0,1", help="ablation seeds")
+    ap.add_argument("--ablation-lr", type=float, default=2e-4, help="recovery learning rate")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--save-asset", action="store_true")
     ap.add_argument("--adopt", help="train: measure this finished run folder instead of training")
+    ap.add_argument("--resume", action="store_true", help="train: continue WORK/train/last.pt")
+    ap.add_argument(
+        "--widen-from", help="train: start from this narrower checkpoint, channels duplicated"
+    )
+    ap.add_argument(
+        "--asset", default=ASSET.name, help="train --save-asset: file stem in damo_plugins/assets"
+    )
+    ap.add_argument("--warmup-iters", type=int, default=300, help="train: linear warm-up")
+    ap.add_argument("--widen-noise", type=float, default=0.01, help="train: see widen_state")
     ap.add_argument("--doc", default=str(DOCS / "training.md"), help="report: Markdown to write")
     args = ap.parse_args(argv)
     args.argv = argv
