@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 #: ``damo_opt("info", "tiny-cnn")``: the installed ``damo-opt`` in a subprocess (what a user runs)
 damo_opt = run_cli
 
-__all__ = ["REPO", "assert_clean_error", "damo_opt", "randomize_bn"]
+__all__ = ["REPO", "assert_clean_error", "damo_opt", "randomize_bn", "small_checkpoint"]
 
 
 @pytest.fixture
@@ -111,3 +111,13 @@ def sleepy(plugin_path, tmp_path: Path) -> Path:
     recipe = tmp_path / "slow.yaml"
     recipe.write_text("model: tiny-cnn\nsteps: [export, sleepy, convert]\n")
     return recipe
+
+
+def small_checkpoint() -> Path:
+    """The small shipped model (DAMO-YOLO-T quarter width, 0.6 M params, 6 classes, 256 px)
+    that most tests use: a quarter of the demo's model's compute, so the suite stays quick."""
+    from damo_plugins.demo import embedded_checkpoint
+
+    path = embedded_checkpoint("damo-yolo-nano-synth.pt")
+    assert path is not None, "damo_plugins/assets/damo-yolo-nano-synth.pt is missing"
+    return path

@@ -19,8 +19,6 @@ def synth_val(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def trained_checkpoint() -> Path:
     """The shipped DAMO-YOLO nano trained on the synthetic shapes (6 classes, 256 px)."""
-    from damo_plugins.demo import embedded_checkpoint
+    from tests.conftest import small_checkpoint
 
-    path = embedded_checkpoint()
-    assert path is not None, "damo_plugins/assets/damo-yolo-nano-synth.pt is missing"
-    return path
+    return small_checkpoint()

@@ -163,7 +163,7 @@ def test_class_count_mismatch_with_a_model(own: Path, tmp_path: Path) -> None:
     shutil.copytree(own / "val", root / "val")
     (root / "val.json").write_text(json.dumps(data))
     src = resolve(root)
-    ckpt = embedded_checkpoint()
+    ckpt = embedded_checkpoint("damo-yolo-nano-synth.pt")
     assert ckpt is not None
     n = model_classes(load_model(str(ckpt)))
     assert n == 6

@@ -106,9 +106,10 @@ class _FixedSize(torch.nn.Module):
 
 @pytest.mark.slow
 def test_int8_openvino_in_one_command(tmp_path: Path) -> None:
-    ckpt = embedded_checkpoint()
-    if ckpt is None:
-        pytest.skip("no embedded checkpoint in this installation")
+    # the small shipped model: quick at 128 px (the demo's wider one is trained at 256 px and,
+    # run at half its size on 16 calibration images, sits at the INT8 check's bound)
+    ckpt = embedded_checkpoint("damo-yolo-nano-synth.pt")
+    assert ckpt is not None, "damo_plugins/assets/damo-yolo-nano-synth.pt is missing"
     data = generate(tmp_path / "data", train=16, val=2, seed=3)
     out = tmp_path / "int8" / "det.xml"
     proc = damo_opt(

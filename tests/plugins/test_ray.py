@@ -157,7 +157,7 @@ def test_sharded_map_on_ray_equals_single_process(executor: RayExecutor) -> None
     from damo_plugins.data.sharded import evaluate_sharded, shard_ranges
     from damo_plugins.demo import embedded_checkpoint
 
-    ckpt = embedded_checkpoint()
+    ckpt = embedded_checkpoint("damo-yolo-nano-synth.pt")
     assert ckpt is not None
     art = load_model(ckpt)
     cfg = SimpleNamespace(
@@ -181,7 +181,7 @@ def test_evaluate_step_with_workers_and_ray(ray_instance: Any, tmp_path: Path) -
 
     def map_of(step: dict[str, Any], out: str) -> float:
         recipe = {
-            "model": str(embedded_checkpoint()),
+            "model": str(embedded_checkpoint("damo-yolo-nano-synth.pt")),
             "steps": [{"evaluate": {"images": 20, **step}}],
         }
         res = run(recipe, output=tmp_path / out, log=lambda _: None)
