@@ -259,6 +259,8 @@ def run_demo(
             "demo: the embedded trained model is not in this installation; using an untrained "
             "DAMO-YOLO-T at width 0.5 (mAP will be ~0)"
         )
+    # generating the data set the first time takes a while: say so before, not after
+    log(f"demo: data '{s.data}' (generated once into your cache, then reused) ...")
     source = resolve(s.data)  # generated once into the user's cache, then reused
     assert source.val is not None  # a generated set always has both splits
     data_dir = str(source.val.annotations.parent)
