@@ -184,13 +184,12 @@ class OutputFolder:
 
     # ------------------------------------------------------------- step folders
     @contextlib.contextmanager
-    def step_dir(self, name: str) -> Iterator[Path]:
-        """A temporary folder renamed to ``name`` when the block succeeds.
+    def _scratch(self, name: str) -> Iterator[Path]:
+        """A fresh temporary folder for step ``name``, removed when the block ends.
 
         The temporary name is recorded before the folder exists, so whatever kills the
         run, the next run finds and removes it.
         """
-        final = self.path / name
         tmp = self.path / f".{name}.{os.getpid()}.tmp"
         self.pending.append(tmp.name)
         self._save()
@@ -198,68 +197,66 @@ class OutputFolder:
             _remove(tmp)
             tmp.mkdir()
             yield tmp
-            for f in tmp.rglob("*"):
-                if f.is_file():
-                    _fsync(f)
-            _fix_mode(tmp, directory=True)
-            if final.exists():
-                if name not in self.entries:
-                    raise DamoError(f"{final} already exists and was not written by this run")
-                _remove(final)
-            os.replace(tmp, final)
-        except OSError as exc:
-            _remove(tmp)
-            raise _explain(exc, final) from exc
-        except DamoError as exc:
-            _remove(tmp)
-            # name the file the user will look for, not the temporary folder it was written in
-            exc.message = exc.message.replace(str(tmp), str(final))
-            exc.args = (exc.message,)
-            raise
-        except BaseException:
-            _remove(tmp)
-            raise
         finally:
+            _remove(tmp)
             self.pending.remove(tmp.name)
+
+    @contextlib.contextmanager
+    def step_dir(self, name: str) -> Iterator[Path]:
+        """A temporary folder renamed to ``name`` when the block succeeds."""
+        final = self.path / name
+        with self._scratch(name) as tmp:
+            try:
+                yield tmp
+                for f in tmp.rglob("*"):
+                    if f.is_file():
+                        _fsync(f)
+                _fix_mode(tmp, directory=True)
+                if final.exists():
+                    if name not in self.entries:
+                        raise DamoError(f"{final} already exists and was not written by this run")
+                    _remove(final)
+                os.replace(tmp, final)
+            except OSError as exc:
+                raise _explain(exc, final) from exc
+            except DamoError as exc:
+                # name the file the user will look for, not the temporary folder it was in
+                exc.message = exc.message.replace(str(tmp), str(final))
+                exc.args = (exc.message,)
+                raise
         self.record(name)
 
     @contextlib.contextmanager
     def flat_dir(self, name: str) -> Iterator[Path]:
         """Like :meth:`step_dir`, but the block's files land in the folder itself.
 
-        For single-step verbs (``-o DIR`` means the model is in ``DIR``). The block writes
-        into a recorded temporary folder as with :meth:`step_dir`; on success every entry
-        is checked first (a name the tool did not write, or one of its bookkeeping and
+        For single-step verbs (``-o DIR`` means the model is in ``DIR``). On success every
+        entry is checked first (a name the tool did not write, or one of its bookkeeping and
         report files, is refused before anything moves), then each is recorded in the
         manifest *before* it is renamed into place, so a kill mid-move leaves only
         entries the next run knows as its own.
         """
-        tmp = self.path / f".{name}.{os.getpid()}.tmp"
-        self.pending.append(tmp.name)
-        self._save()
-        try:
-            _remove(tmp)
-            tmp.mkdir()
-            yield tmp
-            children = sorted(tmp.iterdir())
-            for child in children:
-                final = self.path / child.name
-                if child.name in (*BOOKKEEPING, *REPORT_FILES):
-                    raise DamoError(f"step '{name}' wrote '{child.name}', a name the tool keeps")
-                if final.exists() and child.name not in self.entries:
-                    raise DamoError(f"{final} already exists and was not written by this run")
-            for child in children:
-                for f in [child, *child.rglob("*")] if child.is_dir() else [child]:
-                    if f.is_file():
-                        _fsync(f)
-                self.record(child.name)
-                _remove(self.path / child.name)
-                os.replace(child, self.path / child.name)
-        except OSError as exc:
-            raise _explain(exc, self.path) from exc
-        finally:
-            _remove(tmp)
-            self.pending.remove(tmp.name)
+        with self._scratch(name) as tmp:
+            try:
+                yield tmp
+                children = sorted(tmp.iterdir())
+                for child in children:
+                    final = self.path / child.name
+                    if child.name in (*BOOKKEEPING, *REPORT_FILES):
+                        raise DamoError(
+                            f"step '{name}' wrote '{child.name}', a name the tool keeps"
+                        )
+                    if final.exists() and child.name not in self.entries:
+                        raise DamoError(f"{final} already exists and was not written by this run")
+                for child in children:
+                    for f in [child, *child.rglob("*")] if child.is_dir() else [child]:
+                        if f.is_file():
+                            _fsync(f)
+                    self.record(child.name)
+                    _remove(self.path / child.name)
+                    os.replace(child, self.path / child.name)
+            except OSError as exc:
+                raise _explain(exc, self.path) from exc
 
     def _remove_leftovers(self, names: Sequence[str]) -> None:
         """Temporary folders a killed run recorded (and the report writer's temp files)."""
