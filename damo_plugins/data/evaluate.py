@@ -13,9 +13,7 @@ class, and the best ``max_det`` survive.
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -251,13 +249,11 @@ def detection_map(
 
 
 # ------------------------------------------------- artifacts (any format) on a data set
-@functools.lru_cache(maxsize=4)
 def generated_data(images: int, seed: int) -> Path:
-    """The synthetic validation set, written once per process (deterministic)."""
-    from damo_plugins.data.synthetic import generate
+    """The synthetic validation set (deterministic), generated once into the user's cache."""
+    from damo_plugins.data.sources import synthetic_root
 
-    root = Path(tempfile.mkdtemp(prefix="damo-eval-data-"))
-    return generate(root, train=0, val=images, seed=seed)
+    return synthetic_root(0, images, seed)
 
 
 #: names of the generated data set the embedded model was trained on

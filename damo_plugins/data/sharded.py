@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -76,6 +77,28 @@ def _cleanup() -> None:
 
 atexit.register(_cleanup)
 
+#: a worker's model folder is named after its process, so that the next worker on the node can
+#: remove the folder of one that was killed (SIGKILL runs no atexit handler)
+_WORKER_PREFIX = "damo-shard-model-w"
+
+
+def _sweep_orphans() -> None:
+    """Remove the model folders of worker processes that no longer exist."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{_WORKER_PREFIX}*-*"):
+        pid = folder.name[len(_WORKER_PREFIX) :].partition("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive, and not ours to clean
+        return True
+    return True
+
 
 def _load_payload(payload: dict[str, Any]) -> Any:
     """The model of ``payload``, loaded once per worker process (keyed by content hash)."""
@@ -84,7 +107,8 @@ def _load_payload(payload: dict[str, Any]) -> Any:
     digest = payload["digest"]
     if digest not in _LOADED:
         _cleanup()  # one model per worker: a new evaluation replaces the previous one
-        folder = tempfile.mkdtemp(prefix="damo-shard-model-")
+        _sweep_orphans()
+        folder = tempfile.mkdtemp(prefix=f"{_WORKER_PREFIX}{os.getpid()}-")
         for name, data in payload["files"].items():
             (Path(folder) / name).write_bytes(data)
         _LOADED[digest] = (folder, load_model(Path(folder) / payload["main"]))

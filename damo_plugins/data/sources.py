@@ -335,21 +335,13 @@ def _cache_root(cache: str | os.PathLike[str] | None) -> Path:
     return Path(base) / "damo-plugins"
 
 
-def _synthetic(text: str, seed: int, cache: Any) -> DataSource:
-    """The embedded model's data set, generated once per (sizes, seed) and then reused."""
+def synthetic_root(train: int, val: int, seed: int, cache: Any = None) -> Path:
+    """The generated data set of ``train`` + ``val`` images, written once per (sizes, seed)
+    under the user's cache and reused by every later process (a Ray worker included): a
+    temporary copy per process would be regenerated each time and left behind by a killed one.
+    """
     from damo_plugins.data.synthetic import generate
 
-    train, val = SYNTHETIC_DEFAULT
-    _, _, tail = text.partition(":")
-    if tail:
-        try:
-            train, val = (int(v) for v in tail.split(","))
-        except ValueError:
-            raise DamoError(
-                f"'{text}' is not synthetic:TRAIN,VAL", "e.g. synthetic or synthetic:256,200"
-            ) from None
-        if train < 0 or val < 1:
-            raise DamoError(f"'{text}': needs TRAIN >= 0 and VAL >= 1 images")
     root = _cache_root(cache) / f"synthetic-s{seed}-{train}-{val}"
     if not (root / "val.json").is_file():
         # generated beside and renamed: a killed generation never looks complete
@@ -363,7 +355,23 @@ def _synthetic(text: str, seed: int, cache: Any) -> DataSource:
             os.replace(tmp, root)
         except OSError:  # another process won the race: its copy is identical
             shutil.rmtree(tmp, ignore_errors=True)
-    src = resolve(root)
+    return root
+
+
+def _synthetic(text: str, seed: int, cache: Any) -> DataSource:
+    """The embedded model's data set (``synthetic`` or ``synthetic:TRAIN,VAL``)."""
+    train, val = SYNTHETIC_DEFAULT
+    _, _, tail = text.partition(":")
+    if tail:
+        try:
+            train, val = (int(v) for v in tail.split(","))
+        except ValueError:
+            raise DamoError(
+                f"'{text}' is not synthetic:TRAIN,VAL", "e.g. synthetic or synthetic:256,200"
+            ) from None
+        if train < 0 or val < 1:
+            raise DamoError(f"'{text}': needs TRAIN >= 0 and VAL >= 1 images")
+    src = resolve(synthetic_root(train, val, seed, cache))
     src.spec, src.layout = text, f"generated, seed {seed}"
     return src
 

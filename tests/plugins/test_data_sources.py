@@ -180,3 +180,19 @@ def test_synthetic_is_generated_once(tmp_path: Path) -> None:
     assert again.val is not None and again.val.annotations.stat().st_mtime_ns == stamp
     with pytest.raises(DamoError, match="synthetic:TRAIN,VAL"):
         resolve("synthetic:lots", cache=tmp_path)
+
+
+def test_evaluation_data_is_the_same_cached_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``data: generated`` in an evaluate step reads the set ``synthetic:0,N`` names, from the
+    user's cache: nothing is regenerated per process or left in the temporary folder."""
+    from damo_plugins.data.evaluate import generated_data
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    root = generated_data(5, 0)
+    assert root.parent == tmp_path / "damo-plugins" and (root / "val.json").is_file()
+    assert not (root / "train").exists()
+    src = resolve("synthetic:0,5")
+    assert src.val is not None and src.val.annotations == root / "val.json"
+    assert generated_data(5, 0) == root

@@ -1,5 +1,6 @@
-"""``optimize`` on a real local Ray cluster: the same table as a local run, a cache shared with
-the driver, and a resume after the driver was SIGKILLed.
+"""``optimize`` on a real local Ray cluster: the same table as a local run (with a worker
+SIGKILLed mid-candidate), a cache shared with the driver, and a resume after the driver was
+SIGKILLed.
 
 Small on purpose (the whole CI must stay under 20 minutes): the embedded model, 16 + 16
 generated images, a space of fuse + ONNX Runtime INT8 deployed in ONNX Runtime (three
@@ -24,7 +25,7 @@ import pytest
 
 from damo_plugins.core.errors import DamoError
 from damo_plugins.optimize import optimize
-from tests.plugins.test_ray import head_node, ray_instance  # noqa: F401 (fixtures)
+from tests.plugins.test_ray import head_node, killing_a_task_worker, ray_instance  # noqa: F401 (fixtures)
 
 MODEL = str(
     Path(__file__).resolve().parents[2] / "damo_plugins" / "assets" / "damo-yolo-nano-synth.pt"
@@ -73,9 +74,12 @@ def test_optimize_on_ray_equals_local_and_shares_its_cache(
     monkeypatch.delenv("DAMO_RAY_ADDRESS", raising=False)
     lines: list[str] = []
     local = optimize(MODEL, DATA, space=SPACE, output=tmp_path / "local", log=lambda _: None)
-    on_ray = optimize(
-        MODEL, DATA, space=SPACE, output=tmp_path / "ray", ray="local", log=lines.append
-    )
+    killed: list[int] = []  # a worker SIGKILLed amid a candidate: retried, table unchanged
+    with killing_a_task_worker(killed):
+        on_ray = optimize(
+            MODEL, DATA, space=SPACE, output=tmp_path / "ray", ray="local", log=lines.append
+        )
+    assert killed, "no candidate was being built when the killer looked: nothing was tested"
     assert local.report["executor"] == "this process"
     assert on_ray.report["executor"].startswith("existing connection")  # the module's Ray
     table = _table(local.report)

@@ -133,19 +133,26 @@ def _kill_first_task_worker(killed: list[int], stop: threading.Event) -> None:
         time.sleep(0.01)
 
 
+@contextlib.contextmanager
+def killing_a_task_worker(killed: list[int]) -> Iterator[None]:
+    """While the block runs, SIGKILL the first Ray worker seen running a task."""
+    stop = threading.Event()
+    t = threading.Thread(target=_kill_first_task_worker, args=(killed, stop))
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()
+
+
 def test_worker_killed_during_nas_evaluation(executor: RayExecutor) -> None:
     """A worker SIGKILLed while it scores a candidate: Ray retries the task; the search
     ends exactly as an undisturbed local one."""
     local = _tiny_search(iterations=8, entropy_resolution=160).run()
     killed: list[int] = []
-    stop = threading.Event()
-    t = threading.Thread(target=_kill_first_task_worker, args=(killed, stop))
-    t.start()
-    try:
+    with killing_a_task_worker(killed):
         on_ray = _tiny_search(iterations=8, entropy_resolution=160).run(executor=executor)
-    finally:
-        stop.set()
-        t.join()
     assert killed, "no task was running when the killer looked: nothing was tested"
     _same(on_ray, local)
 
@@ -168,6 +175,14 @@ def test_sharded_map_on_ray_equals_single_process(executor: RayExecutor) -> None
     assert single["mAP"] > 0.2  # a trained model: equality below is not 0 == 0
     sharded = evaluate_sharded(art, dataset, cfg, executor, shards=3, generated=(24, 0))
     assert sharded == single  # one COCO evaluation of the same detections: exactly equal
+    # a worker SIGKILLed amid a shard: the shard is retried, the mAP unchanged, and the
+    # killed worker's model folder is removed by the worker that replaces it
+    killed: list[int] = []
+    with killing_a_task_worker(killed):
+        again = evaluate_sharded(art, dataset, cfg, executor, shards=3, generated=(24, 0))
+    assert killed, "no shard was running when the killer looked: nothing was tested"
+    assert again == single
+    assert not list(Path(tempfile.gettempdir()).glob(f"damo-shard-model-w{killed[0]}-*"))
     assert [len(r) for r in shard_ranges(24, 3)] == [8, 8, 8]
     assert [len(r) for r in shard_ranges(5, 3)] == [2, 2, 1]
 
