@@ -1,7 +1,7 @@
 """The compression-table benchmark end to end, on a reduced setting.
 
 A random quarter-width DAMO-YOLO-T at 128 px goes through every row of the table — reparam,
-prune, NNCF / INC / ONNX Runtime INT8, real OpenVINO / ONNX Runtime / PyTorch timings and
+prune, NNCF / ONNX Runtime INT8, real OpenVINO / ONNX Runtime / PyTorch timings and
 pycocotools mAP on a few held-out synthetic images — and every row must come out with numbers
 (the values themselves are meaningless for random weights; the trained run is in
 ``docs/benchmarks/compression.md``).
@@ -28,7 +28,6 @@ ROWS = [
     "pruned",
     "int8",
     "pruned_int8",
-    "pruned_int8_inc",
     "pruned_int8_ort",
 ]
 
@@ -74,6 +73,11 @@ def _run(tmp: Path) -> dict[str, Any]:
             "0",
             "--rounds",
             "1",
+            # INC's PT2E path costs ~2 min of this CI per model (two torch.export runs); its
+            # quantization is tested in tests/adapters/test_inc_adapter.py, its table row in
+            # the benchmark run (docs/benchmarks/compression.md)
+            "--quantizers",
+            "nncf,onnxruntime",
             "--slot-seconds",
             "0.01",
             "--work",
