@@ -106,9 +106,9 @@ def ov_cpu_precision(value: str | None) -> Iterator[None]:
     if value is None:
         yield
         return
-    from damo_openvino.adapter import core
+    from damo_plugins.lib.openvino_graph import ov_core as shared_core
 
-    ov_core = core()
+    ov_core = shared_core()
     old = ov_core.get_property("CPU", "INFERENCE_PRECISION_HINT")
     ov_core.set_property("CPU", {"INFERENCE_PRECISION_HINT": value})
     try:

@@ -152,10 +152,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         force=args.force,
         log=log,
     )
+    return _print_run(args, res)
+
+
+def _print_run(args: argparse.Namespace, res: Any) -> int:
+    """What ``run`` and ``demo`` print for a finished pipeline: its result as JSON with
+    ``--json``, else where its report is."""
     if args.json:
         print_json(run_result_json(res))
-        return 0
-    print(f"report: {res.output / 'report.md'}")
+    else:
+        print(f"report: {res.output / 'report.md'}")
     return 0
 
 
@@ -215,11 +221,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     _track(args)
     res = run_demo(output=args.output, force=args.force, quick=args.quick, log=log)
-    if args.json:
-        print_json(run_result_json(res))
-        return 0
-    print(f"report: {res.output / 'report.md'}")
-    return 0
+    return _print_run(args, res)
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:

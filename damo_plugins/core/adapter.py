@@ -98,6 +98,13 @@ def _keywords(fn: Callable[..., Any]) -> tuple[list[str], bool]:
     return names, any(p.kind is p.VAR_KEYWORD for p in params)
 
 
+def _refuse(offenders: Sequence[str], message: str) -> None:
+    """``TypeError(message)`` naming every offender in its ``{}``, if there is any: an
+    adapter class that breaks the options contract fails when it is defined."""
+    if offenders:
+        raise TypeError(message.format(", ".join(offenders)))
+
+
 class Adapter:
     """One backend. Subclasses set the class attributes and override what they support."""
 
@@ -146,24 +153,20 @@ class Adapter:
                     f"{where}.{op} takes **kwargs, which would drop unknown options silently: "
                     f"declare them in options['{op}'] and take them as keyword arguments"
                 )
-            missing = [n for n in generic if n not in names]
-            if missing:
-                raise TypeError(
-                    f"{where}.{op} must accept the generic parameters {', '.join(missing)}"
-                )
             schema = cls.options.get(op)
             fields = list(schema.model_fields) if schema is not None else []
-            shadow = [f for f in fields if f in generic]
-            if shadow:
-                raise TypeError(
-                    f"{where}.options['{op}'] redeclares the generic parameters "
-                    f"{', '.join(shadow)} of Adapter.{op}"
-                )
-            absent = [f for f in fields if f not in names]
-            if absent:
-                raise TypeError(
-                    f"{where}.{op} does not take the declared options {', '.join(absent)}"
-                )
+            _refuse(
+                [n for n in generic if n not in names],
+                f"{where}.{op} must accept the generic parameters {{}}",
+            )
+            _refuse(
+                [f for f in fields if f in generic],
+                f"{where}.options['{op}'] redeclares the generic parameters {{}} of Adapter.{op}",
+            )
+            _refuse(
+                [f for f in fields if f not in names],
+                f"{where}.{op} does not take the declared options {{}}",
+            )
             # A recipe gets the schema's default and a Python caller the method's: one value.
             params = inspect.signature(getattr(cls, op)).parameters
             for f, info in schema.model_fields.items() if schema is not None else ():
@@ -279,6 +282,17 @@ class Adapter:
         return UnsupportedError(
             f"adapter '{self.name}' does not support {what}", f"it supports: {can}"
         )
+
+    def _benchmark_header(self, device: str, hint: str, compile_ms: float) -> dict[str, Any]:
+        """The keys that open every adapter's :meth:`benchmark` result, so that reports and
+        ``compare`` read the same names whichever backend measured."""
+        return {
+            "adapter": self.name,
+            "backend_version": self.backend_version(),
+            "device": device,
+            "hint": hint,
+            "compile_ms": compile_ms,
+        }
 
     # ------------------------------------------------------------ operations
     # The parameters below are the generic ones every implementation takes; backend-specific

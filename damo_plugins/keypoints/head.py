@@ -29,6 +29,45 @@ from damo_plugins.keypoints.postprocess import METHODS
 from damo_plugins.keypoints.roi_align import ROIAlign
 
 
+def pool_fpn_levels(
+    poolers: Sequence[nn.Module], features: Sequence[Tensor], boxes: Tensor
+) -> Tensor:
+    """Detectron2's ROIPooler: each box pooled from level floor(4 + log2(sqrt(area)/224)).
+
+    Shared by the keypoint head and the box head of :mod:`~damo_plugins.keypoints.rcnn`.
+    Levels are combined with ``where``, not by multiplying with 0/1 masks: a NaN from one
+    level (OpenVINO's RoiAlign on an empty box) must not leak into the chosen one.
+    """
+    area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=0)
+    level = torch.floor(4 + torch.log2(area.sqrt() / 224 + 1e-8)).clamp(2, 5) - 2
+    rois = torch.cat([torch.zeros_like(boxes[:, :1]), boxes], 1)
+    if not torch.jit.is_tracing():
+        return pool_assigned_levels(poolers, features, rois, level)
+    pooled = None
+    for i, (pooler, feat) in enumerate(zip(poolers, features)):
+        part = pooler(feat, rois)
+        pooled = (
+            part if pooled is None else torch.where((level == i)[:, None, None, None], part, pooled)
+        )
+    return pooled
+
+
+def pool_assigned_levels(
+    poolers: Sequence[nn.Module], features: Sequence[Tensor], rois: Tensor, level: Tensor
+) -> Tensor:
+    """Eager pooling of each ROI on its own level only (the exported graph pools every ROI
+    on every level and selects with ``Where``: same numbers, but in eager PyTorch a large box
+    sampled on P2 costs hundreds of MB and seconds, and 1000 proposals took minutes)."""
+    out = None
+    for i, (pooler, feat) in enumerate(zip(poolers, features)):
+        idx = torch.nonzero(level == i)[:, 0]
+        part = pooler(feat, rois[idx])
+        if out is None:
+            out = part.new_zeros((rois.shape[0], *part.shape[1:]))
+        out[idx] = part
+    return out
+
+
 class KeypointRCNNHead(nn.Module):
     """Pooler + keypoint head + post-processing; ``forward(p2, p3, p4, p5, boxes)``."""
 
@@ -68,27 +107,8 @@ class KeypointRCNNHead(nn.Module):
                 nn.init.kaiming_normal_(param, mode="fan_out", nonlinearity="relu")
 
     def pool(self, features: Sequence[Tensor], boxes: Tensor) -> Tensor:
-        """Detectron2's ROIPooler: each box pooled from level floor(4 + log2(sqrt(area)/224)).
-
-        Levels are combined with ``where``, not by multiplying with 0/1 masks: a NaN from one
-        level (OpenVINO's RoiAlign on an empty box) must not leak into the chosen one.
-        """
-        area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=0)
-        level = torch.floor(4 + torch.log2(area.sqrt() / 224 + 1e-8)).clamp(2, 5) - 2
-        rois = torch.cat([torch.zeros_like(boxes[:, :1]), boxes], 1)
-        if not torch.jit.is_tracing():
-            from damo_plugins.keypoints.rcnn import pool_assigned_levels
-
-            return pool_assigned_levels(self.poolers, features, rois, level)
-        pooled = None
-        for i, (pooler, feat) in enumerate(zip(self.poolers, features)):
-            part = pooler(feat, rois)
-            pooled = (
-                part
-                if pooled is None
-                else torch.where((level == i)[:, None, None, None], part, pooled)
-            )
-        return pooled
+        """Detectron2's ROIPooler over P2..P5 (:func:`pool_fpn_levels`)."""
+        return pool_fpn_levels(self.poolers, features, boxes)
 
     def heatmaps(self, features: Sequence[Tensor], boxes: Tensor) -> Tensor:
         x = self.pool(features, boxes)

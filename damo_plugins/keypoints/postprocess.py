@@ -99,6 +99,46 @@ def _cubic_coefficients(t: Tensor) -> Tensor:
     return torch.stack([c0, c1, c2, c3], -1)
 
 
+def _box_sizes(rois: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Box widths and heights (clamped to >= 1, as Detectron2 does) and their ceilings, the
+    resized map's size; for ``[R, 4]`` boxes or a single ``[4]`` box."""
+    widths = (rois[..., 2] - rois[..., 0]).clamp(min=1.0)
+    heights = (rois[..., 3] - rois[..., 1]).clamp(min=1.0)
+    return widths, heights, widths.ceil(), heights.ceil()
+
+
+def _to_keypoints(
+    maps: Tensor,
+    rois: Tensor,
+    logit: Tensor,
+    index: Tensor,
+    sizes: tuple[Tensor, Tensor, Tensor, Tensor],
+) -> Tensor:
+    """``[..., K, 4]`` = (x, y, logit, score) from each keypoint's maximum and its row-major
+    index in the resized map; one formula for all ROIs at once (``[R, ...]``) and for the
+    single ROI of the Loop forms (``[K, ...]``), so every form places keypoints identically."""
+    widths, heights, widths_ceil, heights_ceil = sizes
+    wc = widths_ceil.long()[..., None]
+    x_int = index % wc
+    y_int = torch.div(index, wc, rounding_mode="floor")
+    x = (x_int.float() + 0.5) * (widths / widths_ceil)[..., None] + rois[..., 0:1]
+    y = (y_int.float() + 0.5) * (heights / heights_ceil)[..., None] + rois[..., 1:2]
+    score = 1.0 / (maps - logit[..., None, None]).exp().sum((-2, -1))
+    return torch.stack([x, y, logit, score], -1)
+
+
+def _source_cells(size: Tensor, n_max: Tensor, n_in: int) -> tuple[Tensor, Tensor, Tensor]:
+    """For output pixels ``0 .. n_max - 1`` of each ROI along one axis: ``scale`` [R], the
+    source cell ``floor(src)`` [R, N] (-1 .. n_in - 1) and whether the pixel lies inside the
+    ROI's ``size`` [R, N]. The evaluation recomputes ``src`` with this same float expression,
+    so layout and evaluation agree on every pixel."""
+    pos = torch.arange(n_max, dtype=torch.float32, device=size.device)
+    scale = float(n_in) / size
+    cell = ((pos[None, :] + 0.5) * scale[:, None] - 0.5).floor()
+    inside = pos[None, :] < size[:, None]
+    return scale, cell, inside
+
+
 def _axis_layout(size: Tensor, n_in: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Where the output pixels of each ROI fall along one axis.
 
@@ -107,11 +147,7 @@ def _axis_layout(size: Tensor, n_in: int) -> tuple[Tensor, Tensor, Tensor, Tenso
     -1 .. n_in - 1), ``count`` [R, n_in + 1] (pixels in that cell) and ``span``, the largest
     count (a 0-d int64 tensor).
     """
-    n_max = size.max().to(torch.int64)
-    pos = torch.arange(n_max, dtype=torch.float32, device=size.device)
-    scale = float(n_in) / size
-    cell = ((pos[None, :] + 0.5) * scale[:, None] - 0.5).floor()  # [R, N]
-    inside = pos[None, :] < size[:, None]
+    scale, cell, inside = _source_cells(size, size.max().to(torch.int64), n_in)
     cells = torch.arange(-1, n_in, dtype=torch.float32, device=size.device)  # [n_in + 1]
     before = ((cell[:, :, None] < cells) & inside[:, :, None]).sum(1)  # [R, n_in + 1]
     count = ((cell[:, :, None] == cells) & inside[:, :, None]).sum(1)
@@ -124,6 +160,28 @@ def _taps(cell: Tensor, n_in: int) -> Tensor:
     return (cell[..., None] + offsets).clamp(0, n_in - 1)
 
 
+def _separable_bounds(maps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The bound of every source cell before any rounding margin, ``[R, K, H + 1, W + 1]``,
+    with the inner upper and outer lower row bounds it was made from (each caller adds its
+    own margin; see :func:`_cell_bounds` for the inequalities)."""
+    r_n, k_n, h_in, w_in = maps.shape
+    n = NEG_WEIGHT_1D
+    flat = maps.reshape(r_n * k_n, 1, h_in, w_in)
+    p = torch.nn.functional.pad(flat, (2, 2, 2, 2), "replicate").reshape(
+        r_n, k_n, h_in + 4, w_in + 4
+    )
+    # along x: taps of cell b are padded columns b+1 .. b+4 (b = -1 .. W-1)
+    t0, t1 = p[:, :, :, 0 : w_in + 1], p[:, :, :, 1 : w_in + 2]
+    t2, t3 = p[:, :, :, 2 : w_in + 3], p[:, :, :, 3 : w_in + 4]
+    in_hi, in_lo = torch.maximum(t1, t2), torch.minimum(t1, t2)
+    upper = in_hi + n * (in_hi - torch.minimum(t0, t3)).clamp(min=0)  # [R, K, H + 4, W + 1]
+    lower = in_lo - n * (torch.maximum(t0, t3) - in_lo).clamp(min=0)
+    # along y, over the row bounds
+    u_in = torch.maximum(upper[:, :, 1 : h_in + 2], upper[:, :, 2 : h_in + 3])
+    l_out = torch.minimum(lower[:, :, 0 : h_in + 1], lower[:, :, 3 : h_in + 4])
+    return u_in + n * (u_in - l_out).clamp(min=0), u_in, l_out
+
+
 def _cell_bounds(maps: Tensor) -> Tensor:
     """Upper bound of the bicubic surface over each source cell, ``[R, K, (H+1) * (W+1)]``.
 
@@ -134,37 +192,26 @@ def _cell_bounds(maps: Tensor) -> Tensor:
     tightly than a bound over all 16 neighbours.
     """
     r_n, k_n, h_in, w_in = maps.shape
-    n = NEG_WEIGHT_1D
-    p = torch.nn.functional.pad(maps.reshape(r_n * k_n, 1, h_in, w_in), (2, 2, 2, 2), "replicate")
-    p = p.reshape(r_n, k_n, h_in + 4, w_in + 4)
-    # along x: taps of cell b are padded columns b+1 .. b+4 (b = -1 .. W-1)
-    t0, t1 = p[:, :, :, 0 : w_in + 1], p[:, :, :, 1 : w_in + 2]
-    t2, t3 = p[:, :, :, 2 : w_in + 3], p[:, :, :, 3 : w_in + 4]
-    in_hi, in_lo = torch.maximum(t1, t2), torch.minimum(t1, t2)
-    out_hi, out_lo = torch.maximum(t0, t3), torch.minimum(t0, t3)
-    upper = in_hi + n * (in_hi - out_lo).clamp(min=0)  # [R, K, H + 4, W + 1]
-    lower = in_lo - n * (out_hi - in_lo).clamp(min=0)
-    # along y, over the row bounds
-    u_in = torch.maximum(upper[:, :, 1 : h_in + 2], upper[:, :, 2 : h_in + 3])
-    l_out = torch.minimum(lower[:, :, 0 : h_in + 1], lower[:, :, 3 : h_in + 4])
-    bound = u_in + n * (u_in - l_out).clamp(min=0)
+    bound, u_in, l_out = _separable_bounds(maps)
     # margin for float rounding of the exactly evaluated pixels
     bound = bound + 1e-5 * (u_in.abs() + l_out.abs()) + 1e-6
     return bound.reshape(r_n, k_n, (h_in + 1) * (w_in + 1))
 
 
-def _evaluate_cells(
-    maps: Tensor,
-    cells: Tensor,
-    rois_layout: tuple[
-        tuple[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor, Tensor]
-    ],
-    width: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """Exact maximum and its row-major index over the resized pixels of the given cells.
+_Layout = tuple[tuple[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor, Tensor]]
+
+
+def _cell_pixels(
+    maps: Tensor, cells: Tensor, rois_layout: _Layout, width: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Everything the exact evaluation of the resized pixels of the given cells needs.
 
     ``cells`` [R, K, C] holds flat cell ids ``(a + 1) * (W + 1) + (b + 1)``. Returns the
-    maximum [R, K] and the output index ``y * ceil(w) + x`` of its first occurrence [R, K].
+    row and column tap weights ``cy`` [R, K, C, Py, 4] and ``cx`` [R, K, C, Px, 4], the 4 x 4
+    source neighbourhood ``hood`` [R, K, C, 4, 4], which of the ``span_y x span_x`` pixel
+    slots of each cell are real pixels ``valid`` [R, K, C, Py, Px], and each pixel's output
+    index ``y * ceil(w) + x`` [R, K, C, Py, Px]. The two evaluations differ only in how they
+    sum the 16 taps.
     """
     r_n, k_n, h_in, w_in = maps.shape
     (sy, start_y, count_y, span_y), (sx, start_x, count_x, span_x) = rois_layout
@@ -192,12 +239,24 @@ def _evaluate_cells(
     base = (r_idx * k_n + torch.arange(k_n, device=dev)[None, :, None]) * (h_in * w_in)
     flat_idx = (base[..., None, None] + ty[..., :, None] * w_in + tx[..., None, :]).reshape(-1)
     hood = maps.reshape(-1).index_select(0, flat_idx).reshape((*ty.shape, 4))  # [R,K,C,4,4]
+    valid = (py < rows_in[..., None])[..., :, None] & (px < cols_in[..., None])[..., None, :]
+    index = y[..., :, None] * width[:, None, None, None, None] + x[..., None, :]
+    return cy, cx, hood, valid, index
+
+
+def _evaluate_cells(
+    maps: Tensor, cells: Tensor, rois_layout: _Layout, width: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Exact maximum and its row-major index over the resized pixels of the given cells.
+
+    ``cells`` as in :func:`_cell_pixels`. Returns the maximum [R, K] and the output index
+    ``y * ceil(w) + x`` of its first occurrence [R, K].
+    """
+    cy, cx, hood, valid, index = _cell_pixels(maps, cells, rois_layout, width)
     # separable 16-tap evaluation; broadcast products instead of millions of 4 x 4 matmuls
     rows = (hood[:, :, :, :, None, :] * cx[:, :, :, None, :, :]).sum(5)  # [R, K, C, 4, Px]
     vals = (cy[:, :, :, :, :, None] * rows[:, :, :, None, :, :]).sum(4)  # [R, K, C, Py, Px]
-    valid = (py < rows_in[..., None])[..., :, None] & (px < cols_in[..., None])[..., None, :]
     vals = torch.where(valid, vals, torch.full_like(vals, float("-inf")))
-    index = y[..., :, None] * width[:, None, None, None, None] + x[..., None, :]
     best = vals.amax((2, 3, 4))
     hit = vals == best[:, :, None, None, None]
     big = torch.full_like(index, 2**30)  # OpenVINO runs int64 as int32 on CPU
@@ -205,20 +264,27 @@ def _evaluate_cells(
     return best, first
 
 
+def _occupied_only(
+    bound: Tensor,
+    layout_y: tuple[Tensor, Tensor, Tensor, Tensor],
+    layout_x: tuple[Tensor, Tensor, Tensor, Tensor],
+) -> Tensor:
+    """``bound`` [R, K, cells] with the cells no output pixel of the ROI falls in set to
+    ``-inf``: they can neither hold the maximum nor be chosen for evaluation."""
+    r_n = bound.shape[0]
+    occupied = (layout_y[2] > 0)[:, :, None] & (layout_x[2] > 0)[:, None, :]  # [R, H+1, W+1]
+    occupied = occupied.reshape(r_n, 1, bound.shape[2])
+    return torch.where(occupied, bound, torch.full_like(bound, float("-inf")))
+
+
 def _keypoints(maps: Tensor, rois: Tensor) -> Tensor:
     """The loop-free core; ``R`` >= 1 here (the caller adds a dummy ROI)."""
     r_n, k_n, h_in, w_in = maps.shape
-    widths = (rois[:, 2] - rois[:, 0]).clamp(min=1)
-    heights = (rois[:, 3] - rois[:, 1]).clamp(min=1)
-    widths_ceil = widths.ceil()
-    heights_ceil = heights.ceil()
-    layout_y = _axis_layout(heights_ceil, h_in)
+    sizes = _box_sizes(rois)
+    widths_ceil = sizes[2]
+    layout_y = _axis_layout(sizes[3], h_in)
     layout_x = _axis_layout(widths_ceil, w_in)
-
-    bound = _cell_bounds(maps)  # [R, K, (H + 1) * (W + 1)]
-    occupied = (layout_y[2] > 0)[:, :, None] & (layout_x[2] > 0)[:, None, :]  # [R, H+1, W+1]
-    occupied = occupied.reshape(r_n, 1, (h_in + 1) * (w_in + 1))
-    bound = torch.where(occupied, bound, torch.full_like(bound, float("-inf")))
+    bound = _occupied_only(_cell_bounds(maps), layout_y, layout_x)  # [R, K, (H+1) * (W+1)]
 
     # Lower bound: the exact maximum over a few probe cells, the four around the largest
     # source sample plus the best-bounded ones (which are always occupied).
@@ -243,14 +309,7 @@ def _keypoints(maps: Tensor, rois: Tensor) -> Tensor:
     cell_ids = torch.arange(bound.shape[2], device=maps.device).expand(r_n, k_n, -1)
     table = table.scatter(2, slot, cell_ids)[:, :, :-1]
     logit, index = _evaluate_cells(maps, table, (layout_y, layout_x), widths_ceil.long())
-
-    wc = widths_ceil.long()[:, None]
-    x_int = index % wc
-    y_int = torch.div(index, wc, rounding_mode="floor")
-    x = (x_int.float() + 0.5) * (widths / widths_ceil)[:, None] + rois[:, 0:1]
-    y = (y_int.float() + 0.5) * (heights / heights_ceil)[:, None] + rois[:, 1:2]
-    score = 1.0 / (maps - logit[:, :, None, None]).exp().sum((2, 3))
-    return torch.stack([x, y, logit, score], 2)
+    return _to_keypoints(maps, rois, logit, index, sizes)
 
 
 # ------------------------------------------------------------------ Loop-based alternative
@@ -269,23 +328,14 @@ def _interp_matrix(size: Tensor, n_in: int) -> Tensor:
 @torch.jit.script_if_tracing
 def _keypoints_loop(maps: Tensor, rois: Tensor) -> Tensor:
     r_n, k_n, h_in, w_in = maps.shape
-    widths = (rois[:, 2] - rois[:, 0]).clamp(min=1.0)
-    heights = (rois[:, 3] - rois[:, 1]).clamp(min=1.0)
-    widths_ceil = widths.ceil()
-    heights_ceil = heights.ceil()
     out = maps.new_zeros((r_n, k_n, 4))
     for i in range(r_n):
-        wy = _interp_matrix(heights_ceil[i], h_in)
-        wx = _interp_matrix(widths_ceil[i], w_in)
+        sizes = _box_sizes(rois[i])
+        wy = _interp_matrix(sizes[3], h_in)
+        wx = _interp_matrix(sizes[2], w_in)
         resized = torch.matmul(torch.matmul(wy, maps[i]), wx.t())  # [K, h, w]
         logit, pos = resized.reshape(k_n, -1).max(1)
-        w_out = wx.size(0)
-        x_int = pos % w_out
-        y_int = torch.div(pos, w_out, rounding_mode="floor")
-        x = (x_int.float() + 0.5) * (widths[i] / widths_ceil[i]) + rois[i, 0]
-        y = (y_int.float() + 0.5) * (heights[i] / heights_ceil[i]) + rois[i, 1]
-        score = 1.0 / (maps[i] - logit.reshape(k_n, 1, 1)).exp().sum((1, 2))
-        out[i] = torch.stack([x, y, logit, score], 1)
+        out[i] = _to_keypoints(maps[i], rois[i], logit, pos, sizes)
     return out
 
 
@@ -315,10 +365,7 @@ def _axis_cells(size: Tensor, n_in: int) -> tuple[Tensor, Tensor, Tensor, Tensor
     r_n = size.shape[0]
     # full reductions get one extra element: ONNX Runtime returns an empty tensor unreduced
     n_max = torch.cat([size, size.new_ones(1)]).max().to(torch.int64)
-    pos = torch.arange(n_max, dtype=torch.float32, device=size.device)
-    scale = float(n_in) / size
-    cell = ((pos[None, :] + 0.5) * scale[:, None] - 0.5).floor()  # [R, N], -1 .. n_in - 1
-    inside = pos[None, :] < size[:, None]
+    scale, cell, inside = _source_cells(size, n_max, n_in)
     slot = torch.where(inside, cell + 1.0, torch.full_like(cell, float(n_in + 1))).long()
     ones = inside.to(torch.int64)
     count = torch.zeros((r_n, n_in + 2), dtype=torch.int64, device=size.device)
@@ -338,19 +385,7 @@ def _cell_bounds_fast(maps: Tensor) -> Tensor:
     PyTorch and OpenVINO run dilated pooling on slow paths: ~10x slower, measured.)
     """
     r_n, k_n, h_in, w_in = maps.shape
-    n = NEG_WEIGHT_1D
-    flat = maps.reshape(r_n * k_n, 1, h_in, w_in)
-    p = torch.nn.functional.pad(flat, (2, 2, 2, 2), "replicate").reshape(
-        r_n, k_n, h_in + 4, w_in + 4
-    )
-    t0, t1 = p[:, :, :, 0 : w_in + 1], p[:, :, :, 1 : w_in + 2]
-    t2, t3 = p[:, :, :, 2 : w_in + 3], p[:, :, :, 3 : w_in + 4]
-    in_hi, in_lo = torch.maximum(t1, t2), torch.minimum(t1, t2)
-    upper = in_hi + n * (in_hi - torch.minimum(t0, t3)).clamp(min=0)  # [R, K, H + 4, W + 1]
-    lower = in_lo - n * (torch.maximum(t0, t3) - in_lo).clamp(min=0)
-    u_in = torch.maximum(upper[:, :, 1 : h_in + 2], upper[:, :, 2 : h_in + 3])
-    l_out = torch.minimum(lower[:, :, 0 : h_in + 1], lower[:, :, 3 : h_in + 4])
-    bound = u_in + n * (u_in - l_out).clamp(min=0)
+    bound, _, _ = _separable_bounds(maps)
     # largest magnitude from two read-only reductions (an Abs pass costs a full write)
     magnitude = torch.maximum(maps.amax((2, 3)), -maps.amin((2, 3)))[:, :, None, None]
     margin = 1e-5 * magnitude + 1e-6
@@ -358,41 +393,13 @@ def _cell_bounds_fast(maps: Tensor) -> Tensor:
 
 
 def _evaluate_cells_fast(
-    maps: Tensor,
-    cells: Tensor,
-    rois_layout: tuple[
-        tuple[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor, Tensor]
-    ],
-    width: Tensor,
+    maps: Tensor, cells: Tensor, rois_layout: _Layout, width: Tensor
 ) -> tuple[Tensor, Tensor]:
     """:func:`_evaluate_cells` with the 4-tap sums unrolled (elementwise only: no ReduceSum
     over a middle axis, which dominated its cost, and no MatMul, which OpenVINO would run in
     bf16 on bf16-capable CPUs)."""
-    r_n, k_n, h_in, w_in = maps.shape
-    (sy, start_y, count_y, span_y), (sx, start_x, count_x, span_x) = rois_layout
-    dev = maps.device
-    a = torch.div(cells, w_in + 1, rounding_mode="floor") - 1  # [R, K, C]
-    b = cells - (a + 1) * (w_in + 1) - 1
-    r_idx = torch.arange(r_n, device=dev)[:, None, None]
-    at_a = (r_idx * (h_in + 1) + a + 1).reshape(-1)
-    at_b = (r_idx * (w_in + 1) + b + 1).reshape(-1)
-    row0 = start_y.reshape(-1).index_select(0, at_a).reshape(a.shape)
-    rows_in = count_y.reshape(-1).index_select(0, at_a).reshape(a.shape)
-    col0 = start_x.reshape(-1).index_select(0, at_b).reshape(a.shape)
-    cols_in = count_x.reshape(-1).index_select(0, at_b).reshape(a.shape)
-    py = torch.arange(span_y, device=dev)
-    px = torch.arange(span_x, device=dev)
-    y = row0[..., None] + py  # [R, K, C, Py]
-    x = col0[..., None] + px  # [R, K, C, Px]
-    src_y = (y.float() + 0.5) * sy[:, None, None, None] - 0.5
-    src_x = (x.float() + 0.5) * sx[:, None, None, None] - 0.5
-    cy = _cubic_coefficients(src_y - a[..., None].float())  # [R, K, C, Py, 4]
-    cx = _cubic_coefficients(src_x - b[..., None].float())  # [R, K, C, Px, 4]
-    ty = _taps(a.float(), h_in).long()  # [R, K, C, 4]
-    tx = _taps(b.float(), w_in).long()
-    base = (r_idx * k_n + torch.arange(k_n, device=dev)[None, :, None]) * (h_in * w_in)
-    flat_idx = (base[..., None, None] + ty[..., :, None] * w_in + tx[..., None, :]).reshape(-1)
-    hood = maps.reshape(-1).index_select(0, flat_idx).reshape((*ty.shape, 4))  # [R,K,C,4,4]
+    r_n, k_n = maps.shape[0], maps.shape[1]
+    cy, cx, hood, valid, index = _cell_pixels(maps, cells, rois_layout, width)
     # along x first, as PyTorch's kernel does: rows[..., p, x] = sum_q hood[p, q] * cx[x, q]
     rows = hood[..., 0:1] * cx[..., None, :, 0]
     for q in range(1, 4):
@@ -400,9 +407,7 @@ def _evaluate_cells_fast(
     vals = cy[..., :, 0:1] * rows[..., 0:1, :]
     for q in range(1, 4):
         vals = vals + cy[..., :, q : q + 1] * rows[..., q : q + 1, :]  # [R, K, C, Py, Px]
-    valid = (py < rows_in[..., None])[..., :, None] & (px < cols_in[..., None])[..., None, :]
     vals = torch.where(valid, vals, torch.full_like(vals, float("-inf")))
-    index = y[..., :, None] * width[:, None, None, None, None] + x[..., None, :]
     # explicit sizes, not -1: a Reshape with -1 is ambiguous when R = 0
     n_flat = cells.shape[2] * vals.shape[3] * vals.shape[4]
     flat_vals = vals.reshape(r_n, k_n, n_flat)
@@ -417,10 +422,8 @@ def _exact_roi(maps: Tensor, box: Tensor) -> Tensor:
     x first as PyTorch's kernel. Used only for ROIs the fast path could not certify; memory
     ``K * ceil(h) * ceil(w) * 4`` floats. No MatMul (see :func:`_evaluate_cells_fast`)."""
     k_n, h_in, w_in = maps.shape
-    width = (box[2] - box[0]).clamp(min=1.0)
-    height = (box[3] - box[1]).clamp(min=1.0)
-    wc = width.ceil()
-    hc = height.ceil()
+    sizes = _box_sizes(box)
+    wc, hc = sizes[2], sizes[3]
     px = torch.arange(wc.to(torch.int64), dtype=torch.float32, device=maps.device)
     py = torch.arange(hc.to(torch.int64), dtype=torch.float32, device=maps.device)
     sx = (px + 0.5) * (float(w_in) / wc) - 0.5
@@ -441,12 +444,7 @@ def _exact_roi(maps: Tensor, box: Tensor) -> Tensor:
     for q in range(1, 4):
         vals = vals + rows[:, :, q] * cy[:, q : q + 1]  # [K, h, w]
     logit, pos = vals.reshape(k_n, -1).max(1)
-    x_int = pos % n_w
-    y_int = torch.div(pos, n_w, rounding_mode="floor")
-    x = (x_int.float() + 0.5) * (width / wc) + box[0]
-    y = (y_int.float() + 0.5) * (height / hc) + box[1]
-    score = 1.0 / (maps - logit.reshape(k_n, 1, 1)).exp().sum((1, 2))
-    return torch.stack([x, y, logit, score], 1)
+    return _to_keypoints(maps, box, logit, pos, sizes)
 
 
 @torch.jit.script_if_tracing
@@ -462,19 +460,13 @@ def _refine(maps: Tensor, rois: Tensor, out: Tensor, todo: Tensor) -> Tensor:
 
 def _keypoints_vectorized(maps: Tensor, rois: Tensor) -> Tensor:
     """Certified top-cells evaluation for all ROIs at once (any ``R``, 0 included)."""
-    r_n, _, h_in, w_in = maps.shape
-    widths = (rois[:, 2] - rois[:, 0]).clamp(min=1)
-    heights = (rois[:, 3] - rois[:, 1]).clamp(min=1)
-    widths_ceil = widths.ceil()
-    heights_ceil = heights.ceil()
-    layout_y = _axis_cells(heights_ceil, h_in)
+    h_in, w_in = maps.shape[2], maps.shape[3]
+    sizes = _box_sizes(rois)
+    widths_ceil = sizes[2]
+    layout_y = _axis_cells(sizes[3], h_in)
     layout_x = _axis_cells(widths_ceil, w_in)
     n_cells = (h_in + 1) * (w_in + 1)
-    bound = _cell_bounds_fast(maps)  # [R, K, cells]
-    occupied = (layout_y[2] > 0)[:, :, None] & (layout_x[2] > 0)[:, None, :]
-    bound = torch.where(
-        occupied.reshape(r_n, 1, n_cells), bound, torch.full_like(bound, float("-inf"))
-    )
+    bound = _occupied_only(_cell_bounds_fast(maps), layout_y, layout_x)  # [R, K, cells]
     best = bound.topk(min(FAST_CELLS + 1, n_cells), dim=2)
     cells = best.indices[:, :, :FAST_CELLS]
     logit, index = _evaluate_cells_fast(maps, cells, (layout_y, layout_x), widths_ceil.long())
@@ -482,13 +474,7 @@ def _keypoints_vectorized(maps: Tensor, rois: Tensor) -> Tensor:
     # rounding margin); otherwise the keypoint's ROI is recomputed below
     runner_up = best.values[:, :, FAST_CELLS:].amax(2) if n_cells > FAST_CELLS else logit - 1
     certified = logit > runner_up
-    wc = widths_ceil.long()[:, None]
-    x_int = index % wc
-    y_int = torch.div(index, wc, rounding_mode="floor")
-    x = (x_int.float() + 0.5) * (widths / widths_ceil)[:, None] + rois[:, 0:1]
-    y = (y_int.float() + 0.5) * (heights / heights_ceil)[:, None] + rois[:, 1:2]
-    score = 1.0 / (maps - logit[:, :, None, None]).exp().sum((2, 3))
-    out = torch.stack([x, y, logit, score], 2)
+    out = _to_keypoints(maps, rois, logit, index, sizes)
     todo = (~certified.all(1)).nonzero()[:, 0]
     return _refine(maps, rois, out, todo)
 

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from damo_plugins.core.errors import DamoError
-from damo_plugins.keypoints.head import KeypointRCNNHead
+from damo_plugins.keypoints.head import KeypointRCNNHead, pool_fpn_levels
 from damo_plugins.keypoints.roi_align import ROIAlign
 
 #: Box2BoxTransform's clamp on dw, dh (Detectron2: log(1000 / 16))
@@ -277,37 +277,7 @@ class FPNPooler(nn.Module):
         )
 
     def forward(self, features: Sequence[Tensor], boxes: Tensor) -> Tensor:
-        area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=0)
-        level = torch.floor(4 + torch.log2(area.sqrt() / 224 + 1e-8)).clamp(2, 5) - 2
-        rois = torch.cat([torch.zeros_like(boxes[:, :1]), boxes], 1)
-        if not torch.jit.is_tracing():
-            return pool_assigned_levels(self.poolers, features, rois, level)
-        pooled = None
-        for i, (pooler, feat) in enumerate(zip(self.poolers, features)):
-            part = pooler(feat, rois)
-            # where, not 0/1 masks: a NaN of one level must not leak into the chosen one
-            pooled = (
-                part
-                if pooled is None
-                else torch.where((level == i)[:, None, None, None], part, pooled)
-            )
-        return pooled
-
-
-def pool_assigned_levels(
-    poolers: Sequence[nn.Module], features: Sequence[Tensor], rois: Tensor, level: Tensor
-) -> Tensor:
-    """Eager pooling of each ROI on its own level only (the exported graph pools every ROI
-    on every level and selects with ``Where``: same numbers, but in eager PyTorch a large box
-    sampled on P2 costs hundreds of MB and seconds, and 1000 proposals took minutes)."""
-    out = None
-    for i, (pooler, feat) in enumerate(zip(poolers, features)):
-        idx = torch.nonzero(level == i)[:, 0]
-        part = pooler(feat, rois[idx])
-        if out is None:
-            out = part.new_zeros((rois.shape[0], *part.shape[1:]))
-        out[idx] = part
-    return out
+        return pool_fpn_levels(self.poolers, features, boxes)
 
 
 class BoxHead(nn.Module):

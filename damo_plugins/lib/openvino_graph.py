@@ -181,6 +181,19 @@ def port_specs(ports: Any) -> list[TensorSpec]:
     return specs
 
 
+def describe_ir(artifact: ModelArtifact, model: Any) -> ModelArtifact:
+    """Fill ``artifact`` (which holds ``model``) with what is read from the IR graph: its
+    port specs, parameter count and FLOPs; return it.
+
+    One place for every adapter that produces or reads an IR (convert, load, NNCF and INC
+    quantization), so an IR from any of them reports the same facts the same way.
+    """
+    artifact.inputs, artifact.outputs = port_specs(model.inputs), port_specs(model.outputs)
+    artifact.meta["params"] = ir_param_count(model)
+    artifact.meta["flops"] = ir_flops(model)
+    return artifact
+
+
 def ir_param_count(model: Any) -> int:
     import numpy as np
     total = 0

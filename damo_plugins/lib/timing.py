@@ -97,6 +97,22 @@ def check_budget(
         raise ValueError(f"warmup must be 0 or more, got {warmup}")
 
 
+def check_benchmark_request(
+    *, iterations: int | None, seconds: float | None, warmup: int, hint: str
+) -> None:
+    """What every adapter's ``benchmark`` refuses before touching its backend, as one
+    :class:`~damo_plugins.core.errors.DamoError` line: a budget :func:`check_budget` rejects,
+    or a ``hint`` other than ``latency`` / ``throughput`` (the two modes the results name)."""
+    from damo_plugins.core.errors import DamoError
+
+    try:
+        check_budget(iterations=iterations, seconds=seconds, warmup=warmup)
+    except ValueError as exc:
+        raise DamoError(f"cannot benchmark: {exc}") from None
+    if hint not in ("latency", "throughput"):
+        raise DamoError(f"unknown benchmark hint '{hint}'", "use latency or throughput")
+
+
 def _where(stats: Mapping[str, Any]) -> str:
     return f"{stats.get('adapter', '?')} {stats.get('device', '')}".strip()
 

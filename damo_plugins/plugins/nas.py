@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,28 +36,26 @@ def _number(text: str) -> float:
     return v
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        vals = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"'{text}' is not a comma-separated list of integers"
-        ) from None
-    if not vals:
-        raise argparse.ArgumentTypeError("empty list")
-    return vals
+def _comma_list(kind: Callable[[str], Any], what: str) -> Callable[[str], tuple[Any, ...]]:
+    """An argparse ``type`` for ``a,b,c``: every item through ``kind``; a bad item or an
+    empty list is a one-line usage error naming ``what`` the list should hold."""
+
+    def parse(text: str) -> tuple[Any, ...]:
+        try:
+            vals = tuple(kind(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"'{text}' is not a comma-separated list of {what}"
+            ) from None
+        if not vals:
+            raise argparse.ArgumentTypeError("empty list")
+        return vals
+
+    return parse
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        vals = tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"'{text}' is not a comma-separated list of numbers"
-        ) from None
-    if not vals:
-        raise argparse.ArgumentTypeError("empty list")
-    return vals
+_ints = _comma_list(int, "integers")
+_floats = _comma_list(float, "numbers")
 
 
 def _positive_int(text: str) -> int:

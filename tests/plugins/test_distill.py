@@ -10,7 +10,6 @@ import torch
 from damo_plugins.core.artifact import build_model
 from damo_plugins.core.manager import get_manager
 from damo_plugins.core.passes import PassContext
-from damo_plugins.data.synthetic import generate
 from damo_plugins.models.damo_yolo import build_damo_yolo_t
 from damo_plugins.plugins.distill import DistillPass
 from damo_plugins.train.distill import (
@@ -23,15 +22,14 @@ from damo_plugins.train.distill import (
     normalize,
 )
 from damo_plugins.train.loop import TrainConfig, save_checkpoint
-from damo_plugins.train.trainer import data_splits
+from tests.plugins.conftest import synth_splits
 
 SIZE = 96
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = generate(tmp_path_factory.mktemp("synth"), train=4, val=2, seed=2)
-    return root, *data_splits(root, SIZE)
+    return synth_splits(tmp_path_factory.mktemp("synth"), SIZE, seed=2)
 
 
 def _feats(seed: int, channels=(8, 16, 32)):

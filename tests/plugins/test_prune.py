@@ -2,48 +2,26 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from damo_plugins.core.artifact import build_model, load_model
+from damo_plugins.core.artifact import load_model
 from damo_plugins.core.errors import DamoError
-from damo_plugins.core.manager import get_manager
-from damo_plugins.core.passes import PassContext
 from damo_plugins.data.synthetic import generate
 from damo_plugins.lib.onnx_export import export_onnx
-from damo_plugins.models.damo_yolo import build_damo_yolo_t
 from damo_plugins.plugins.prune import PrunePass
 from damo_plugins.plugins.reparam import ReparamPass
-from tests.conftest import randomize_bn
+from tests.plugins.conftest import ART_SIZE, pass_ctx, shipped_nano
 
-SIZE = 96
-#: the trained quarter-width model the demo shipped (the Taylor numbers below are its)
-NANO = Path(__file__).resolve().parents[2] / "damo_plugins" / "assets" / "damo-yolo-nano-synth.pt"
-
-
-@pytest.fixture(scope="module")
-def art():
-    a = build_model(
-        "damo-yolo-t",
-        build_damo_yolo_t,
-        input_shape=[1, 3, SIZE, SIZE],
-        model_args={"num_classes": 6, "width": 0.25},
-    )
-    randomize_bn(a.model)
-    return a
-
-
-def _ctx(tmp_path) -> PassContext:
-    return PassContext(manager=get_manager(), workdir=tmp_path, log=lambda s: None)
+#: the input size of ``art`` (tests/plugins/conftest.py: a random quarter-width DAMO-YOLO-T)
+SIZE = ART_SIZE
 
 
 @pytest.fixture(scope="module")
 def pruned(art, tmp_path_factory):
-    ctx = _ctx(tmp_path_factory.mktemp("p"))
+    ctx = pass_ctx(tmp_path_factory.mktemp("p"))
     p = PrunePass({"ratio": 0.3})
     out = p.run(art, ctx)
     return p, out, ctx
@@ -155,7 +133,7 @@ def test_prune_then_reparam_commute_and_rebuild_from_checkpoint(pruned, tmp_path
 
 
 def test_reparam_then_prune_also_rebuilds(art, tmp_path):
-    ctx = _ctx(tmp_path)
+    ctx = pass_ctx(tmp_path)
     fused = ReparamPass({}).run(art, ctx)
     with pytest.raises(DamoError, match="needs BatchNorm"):
         PrunePass({"ratio": 0.5, "importance": "bn"}).run(fused, ctx)
@@ -170,7 +148,7 @@ def test_reparam_then_prune_also_rebuilds(art, tmp_path):
 
 def test_iterative_pruning_with_finetuning(art, tmp_path):
     data = generate(tmp_path / "data", train=4, val=2, seed=3)
-    ctx = _ctx(tmp_path)
+    ctx = pass_ctx(tmp_path)
     out = PrunePass(
         {
             "ratio": 0.4,
@@ -196,14 +174,12 @@ def test_taylor_importance_keeps_a_trained_detector_far_better_than_l1(tmp_path)
     """On the shipped trained model, filter norms are nearly equal, so L1 picks badly;
     loss-gradient (Taylor) importance, chosen by ``auto`` when data is given, keeps most of
     the mAP at 10 % pruning without any fine-tuning."""
-    if not NANO.is_file():  # the demo moved to a wider model; this one measures the nano
-        pytest.skip(f"{NANO.name} is not in this checkout")
-    art = load_model(NANO)
+    art = shipped_nano()  # the demo moved to a wider model; this test measures the nano
     data = generate(tmp_path / "data", train=32, val=24, seed=5)
     common = {"ratio": 0.1, "data": str(data), "taylor_images": 32, "scope": "global"}
     res = {}
     for imp in ("auto", "l1"):
-        ctx = _ctx(tmp_path)
+        ctx = pass_ctx(tmp_path)
         PrunePass({**common, "importance": imp}).run(art, ctx)
         res[imp] = ctx.extra
     assert res["auto"]["importance"] == "taylor"
@@ -219,12 +195,12 @@ def test_importance_choice_and_errors(art, tmp_path):
 
     assert resolve_importance(PruneConfig(), art.model) == "bn"
     assert resolve_importance(PruneConfig(data="d"), art.model) == "taylor"
-    fused = ReparamPass({}).run(art, _ctx(tmp_path))
+    fused = ReparamPass({}).run(art, pass_ctx(tmp_path))
     assert resolve_importance(PruneConfig(), fused.model) == "l1"
     untrained = load_model("damo-yolo-t", input_shape=[1, 3, 64, 64], model_args={"width": 0.25})
     assert resolve_importance(PruneConfig(), untrained.model) == "l1"  # BN scales all 1
     with pytest.raises(DamoError, match="needs training data"):
-        PrunePass({"ratio": 0.3, "importance": "taylor"}).run(art, _ctx(tmp_path))
+        PrunePass({"ratio": 0.3, "importance": "taylor"}).run(art, pass_ctx(tmp_path))
     tiny = load_model("tiny-cnn")
     with pytest.raises(DamoError, match="needs a DAMO-YOLO detector"):
         resolve_importance(PruneConfig(importance="taylor", data="d"), tiny.model)
@@ -232,6 +208,6 @@ def test_importance_choice_and_errors(art, tmp_path):
 
 def test_prune_reports_bad_input(art, tmp_path):
     with pytest.raises(DamoError, match="no module named"):
-        PrunePass({"ratio": 0.3, "ignore": ["nope"]}).run(art, _ctx(tmp_path))
+        PrunePass({"ratio": 0.3, "ignore": ["nope"]}).run(art, pass_ctx(tmp_path))
     with pytest.raises(DamoError, match="needs data"):
-        PrunePass({"ratio": 0.3, "finetune_epochs": 1}).run(art, _ctx(tmp_path))
+        PrunePass({"ratio": 0.3, "finetune_epochs": 1}).run(art, pass_ctx(tmp_path))

@@ -13,44 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from damo_plugins.core.artifact import build_model, load_model
+from damo_plugins.core.artifact import load_model
 from damo_plugins.core.errors import DamoError
-from damo_plugins.core.manager import get_manager
-from damo_plugins.core.passes import PassContext
 from damo_plugins.data.synthetic import generate
-from damo_plugins.models.damo_yolo import build_damo_yolo_t
 from damo_plugins.plugins.prune import PrunePass
 from damo_plugins.train import sensitivity as sens_mod
 from damo_plugins.train.prune import block_of, conv_flops, conv_shapes, prune_copy
 from damo_plugins.train.recovery import binary_kl, output_losses
-from tests.conftest import randomize_bn
+from tests.plugins.conftest import ART_SIZE, pass_ctx, shipped_nano
 
-SIZE = 96
-#: the trained quarter-width model the project ships (or shipped) for its demo
-NANO = Path(__file__).resolve().parents[2] / "damo_plugins" / "assets" / "damo-yolo-nano-synth.pt"
-
-
-def _ctx(tmp_path: Path, seed: int = 0) -> PassContext:
-    return PassContext(manager=get_manager(), workdir=tmp_path, seed=seed, log=lambda s: None)
-
-
-@pytest.fixture(scope="module")
-def art():
-    a = build_model(
-        "damo-yolo-t",
-        build_damo_yolo_t,
-        input_shape=[1, 3, SIZE, SIZE],
-        model_args={"num_classes": 6, "width": 0.25},
-    )
-    randomize_bn(a.model)
-    return a
-
-
-def _trained(size: int):
-    """The shipped trained detector: sensitivity and recovery need a model that detects."""
-    if not NANO.is_file():
-        pytest.skip(f"{NANO.name} is not in this checkout")
-    return load_model(NANO, input_shape=[1, 3, size, size])
+#: the input size of ``art`` (tests/plugins/conftest.py: a random quarter-width DAMO-YOLO-T)
+SIZE = ART_SIZE
 
 
 def test_output_losses_vanish_for_the_teacher_itself_and_grow_with_distance():
@@ -72,7 +45,7 @@ def test_output_losses_vanish_for_the_teacher_itself_and_grow_with_distance():
 
 
 def test_flops_target_is_met_and_what_was_removed_is_stated(art, tmp_path):
-    ctx = _ctx(tmp_path)
+    ctx = pass_ctx(tmp_path)
     p = PrunePass({"flops": 0.3, "steps": 2})
     out = p.run(art, ctx)
     m = ctx.extra
@@ -93,19 +66,19 @@ def test_flops_target_is_met_and_what_was_removed_is_stated(art, tmp_path):
 
 def test_unreachable_or_contradictory_targets_say_so_in_one_line(art, tmp_path):
     with pytest.raises(DamoError, match=r"removed .* of the FLOPs, asked 97%"):
-        PrunePass({"flops": 0.97}).run(art, _ctx(tmp_path))
+        PrunePass({"flops": 0.97}).run(art, pass_ctx(tmp_path))
     with pytest.raises(DamoError, match=r"either ratio .* or flops"):
-        PrunePass({"flops": 0.3, "ratio": 0.2}).run(art, _ctx(tmp_path))
+        PrunePass({"flops": 0.3, "ratio": 0.2}).run(art, pass_ctx(tmp_path))
     with pytest.raises(DamoError, match="'sensitivity' needs data"):
-        PrunePass({"flops": 0.3, "allocation": "sensitivity"}).run(art, _ctx(tmp_path))
+        PrunePass({"flops": 0.3, "allocation": "sensitivity"}).run(art, pass_ctx(tmp_path))
     with pytest.raises(DamoError, match="scope 'global'"):
         PrunePass(
             {"flops": 0.3, "allocation": "sensitivity", "scope": "global", "data": "d"}
-        ).run(art, _ctx(tmp_path))
+        ).run(art, pass_ctx(tmp_path))
     with pytest.raises(DamoError, match=r"recovery \(distill\) needs data"):
-        PrunePass({"recovery": "distill", "finetune_epochs": 1}).run(art, _ctx(tmp_path))
+        PrunePass({"recovery": "distill", "finetune_epochs": 1}).run(art, pass_ctx(tmp_path))
     with pytest.raises(DamoError, match="needs finetune_epochs"):
-        PrunePass({"recovery": "finetune", "data": "d"}).run(art, _ctx(tmp_path))
+        PrunePass({"recovery": "finetune", "data": "d"}).run(art, pass_ctx(tmp_path))
     # found when a recipe is loaded (``--dry-run``), located at the option
     from damo_plugins.core.passes import ConfigError
 
@@ -148,7 +121,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sensitivity_runs(data, tmp_path_factory):
     """The same sensitivity-driven pruning twice, one cache: (artifact, metrics) per run."""
-    base = _trained(128)
+    base = shipped_nano(128)
     cache = tmp_path_factory.mktemp("sens-cache")
     cfg = {
         "flops": 0.25,
@@ -162,7 +135,7 @@ def sensitivity_runs(data, tmp_path_factory):
     }
     runs = []
     for _ in range(2):
-        ctx = _ctx(tmp_path_factory.mktemp("sens"))
+        ctx = pass_ctx(tmp_path_factory.mktemp("sens"))
         out = PrunePass(cfg).run(base, ctx)
         runs.append((out, dict(ctx.extra)))
     return base, cache, runs
@@ -217,10 +190,10 @@ def test_the_unpruned_teacher_narrows_the_gap_left_by_plain_fine_tuning(tmp_path
     from damo_plugins.train.recovery import RecoverySettings, detection_loss, recover
     from damo_plugins.train.trainer import data_splits
 
-    base = _trained(256)
+    base = shipped_nano(256)
     root = generate(tmp_path / "data", train=32, val=32, seed=5)
     train_set, val_set = data_splits(root, 256, seed=0)
-    ctx = _ctx(tmp_path)
+    ctx = pass_ctx(tmp_path)
     pruned = PrunePass(
         {"flops": 0.3, "data": str(root), "taylor_images": 32, "scope": "global"}
     ).run(base, ctx)

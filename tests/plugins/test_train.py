@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from damo_plugins.data.coco import collate
-from damo_plugins.data.synthetic import generate
 from damo_plugins.models.damo_yolo import build_damo_yolo_t
 from damo_plugins.train.assigner import AlignedOTA
 from damo_plugins.train.loop import TrainConfig, fit, load_train_state, lr_at, raw_outputs
@@ -19,14 +18,14 @@ from damo_plugins.train.losses import (
     quality_focal_loss,
 )
 from damo_plugins.train.trainer import data_splits
+from tests.plugins.conftest import synth_splits
 
 SIZE = 96
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = generate(tmp_path_factory.mktemp("synth"), train=4, val=2, seed=1)
-    return root, *data_splits(root, SIZE)
+    return synth_splits(tmp_path_factory.mktemp("synth"), SIZE, seed=1)
 
 
 def _model():

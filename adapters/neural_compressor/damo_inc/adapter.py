@@ -325,13 +325,7 @@ class INCAdapter(Adapter):
         if target == "openvino":
             import openvino as ov
 
-            from damo_plugins.lib.openvino_graph import (
-                count_types,
-                ir_flops,
-                ir_param_count,
-                name_ports,
-                port_specs,
-            )
+            from damo_plugins.lib.openvino_graph import count_types, describe_ir, name_ports
 
             try:
                 model = ov.convert_model(program)
@@ -352,10 +346,7 @@ class INCAdapter(Adapter):
             ):
                 model.reshape({i: ov.PartialShape(shape) for i, shape in enumerate(static)})
             name_ports(model, artifact)
-            out = artifact.derive("openvino", model)
-            out.inputs, out.outputs = port_specs(model.inputs), port_specs(model.outputs)
-            out.meta["params"] = ir_param_count(model)
-            out.meta["flops"] = ir_flops(model)
+            out = describe_ir(artifact.derive("openvino", model), model)
             info["fake_quantize"] = count_types(model, "FakeQuantize")
         else:
             from damo_plugins.core.artifact import onnx_artifact

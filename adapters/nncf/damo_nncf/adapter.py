@@ -418,17 +418,9 @@ class NNCFAdapter(Adapter):
                 broadcast_decode_constants(model, decode_nodes(model))
             kind = "openvino"
         if kind == "openvino":
-            from damo_plugins.lib.openvino_graph import (
-                count_types,
-                ir_flops,
-                ir_param_count,
-                port_specs,
-            )
+            from damo_plugins.lib.openvino_graph import count_types, describe_ir
 
-            out = artifact.derive("openvino", model)
-            out.inputs, out.outputs = port_specs(model.inputs), port_specs(model.outputs)
-            out.meta["params"] = ir_param_count(model)
-            out.meta["flops"] = ir_flops(model)
+            out = describe_ir(artifact.derive("openvino", model), model)
             info["fake_quantize"] = count_types(model, "FakeQuantize")
         else:
             out = onnx_artifact(

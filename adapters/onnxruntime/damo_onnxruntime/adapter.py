@@ -316,14 +316,9 @@ class ONNXRuntimeAdapter(Adapter):
         import numpy as np
 
         from damo_plugins.core.artifact import check_elements
-        from damo_plugins.lib.timing import check_budget, measure_latency, summarize_ms
+        from damo_plugins.lib.timing import check_benchmark_request, measure_latency, summarize_ms
 
-        try:
-            check_budget(iterations=iterations, seconds=seconds, warmup=warmup)
-        except ValueError as exc:
-            raise DamoError(f"cannot benchmark: {exc}") from None
-        if hint not in ("latency", "throughput"):
-            raise DamoError(f"unknown benchmark hint '{hint}'", "use latency or throughput")
+        check_benchmark_request(iterations=iterations, seconds=seconds, warmup=warmup, hint=hint)
         cores = os.cpu_count() or 1
         n = int(requests or (min(cores, 4) if hint == "throughput" else 1))
         per_thread = threads or (max(1, cores // n) if hint == "throughput" else None)
@@ -359,11 +354,7 @@ class ONNXRuntimeAdapter(Adapter):
                 else rng.integers(0, 2, want).astype(np.int64)
             )
         base = {
-            "adapter": self.name,
-            "backend_version": self.backend_version(),
-            "device": device,
-            "hint": hint,
-            "compile_ms": compile_ms,
+            **self._benchmark_header(device, hint, compile_ms),
             "providers": sess.get_providers(),
         }
         infer = lambda: sess.run(None, feeds)  # noqa: E731

@@ -28,13 +28,7 @@ from pydantic import Field
 from damo_plugins.core.adapter import Adapter, AdapterOptions
 from damo_plugins.core.artifact import ModelArtifact, check_elements
 from damo_plugins.core.errors import DamoError, UnsupportedError
-from damo_plugins.lib.openvino_graph import (
-    ir_flops,
-    ir_param_count,
-    name_ports,
-    ov_core,
-    port_specs,
-)
+from damo_plugins.lib.openvino_graph import describe_ir, name_ports, ov_core
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -163,11 +157,7 @@ class OpenVINOAdapter(Adapter):
         name_ports(model, artifact)
         out = artifact.derive("openvino", model)
         out.meta["compress_to_fp16"] = compress_to_fp16
-        out.meta["params"] = ir_param_count(model)
-        out.meta["flops"] = ir_flops(model)
-        out.inputs = port_specs(model.inputs)
-        out.outputs = port_specs(model.outputs)
-        return out
+        return describe_ir(out, model)
 
     # ------------------------------------------------------------- files
     def save(self, artifact: ModelArtifact, path: Path) -> Path:
@@ -202,12 +192,7 @@ class OpenVINOAdapter(Adapter):
                 f"{path} is not a readable OpenVINO IR: {first[:300]}",
                 "the .xml/.bin pair may be corrupt or mismatched; convert the model again",
             ) from exc
-        art = ModelArtifact(
-            "openvino", model, inputs=port_specs(model.inputs), outputs=port_specs(model.outputs)
-        )
-        art.meta["params"] = ir_param_count(model)
-        art.meta["flops"] = ir_flops(model)
-        return art
+        return describe_ir(ModelArtifact("openvino", model), model)
 
     # ----------------------------------------------------------- compile/run
     def compile(
@@ -244,13 +229,7 @@ class OpenVINOAdapter(Adapter):
         cached = self._compiled.get(key)
         if cached is not None and cached[0] is model:
             return cached[1]
-        try:
-            compiled = ov_core().compile_model(model, device, props)
-        except Exception as exc:
-            first = ov_message(exc)
-            raise DamoError(
-                f"OpenVINO could not compile the model for {device}: {first[:300]}"
-            ) from exc
+        compiled = _compile_model(model, device, props)
         # One entry: enough for "compile once, run many", without pinning old models.
         self._compiled = {key: (model, compiled)}
         return compiled
@@ -303,16 +282,11 @@ class OpenVINOAdapter(Adapter):
         ``None`` / ``"default"`` for the device's default); the precision used is reported.
         ``streams`` sets ``NUM_STREAMS`` over the hint's choice.
         """
-        from damo_plugins.lib.timing import check_budget, measure_latency, summarize_ms
+        from damo_plugins.lib.timing import check_benchmark_request, measure_latency, summarize_ms
 
-        try:
-            check_budget(iterations=iterations, seconds=seconds, warmup=warmup)
-        except ValueError as exc:
-            raise DamoError(f"cannot benchmark: {exc}") from None
+        check_benchmark_request(iterations=iterations, seconds=seconds, warmup=warmup, hint=hint)
         self.require_backend()
         self.check_device(device)
-        if hint not in ("latency", "throughput"):
-            raise DamoError(f"unknown benchmark hint '{hint}'", "use latency or throughput")
         model = artifact.model if artifact.format == "openvino" else self.convert(artifact).model
         model, shapes, reshaped = _fit_shapes(model, artifact)
         props: dict[str, Any] = {
@@ -324,21 +298,11 @@ class OpenVINOAdapter(Adapter):
         if streams:
             props["NUM_STREAMS"] = int(streams)
         t0 = time.perf_counter()
-        try:
-            compiled = ov_core().compile_model(model, device, props)
-        except Exception as exc:
-            first = ov_message(exc)
-            raise DamoError(
-                f"OpenVINO could not compile the model for {device}: {first[:300]}"
-            ) from exc
+        compiled = _compile_model(model, device, props)
         compile_ms = (time.perf_counter() - t0) * 1e3
         feeds = _feeds_for(compiled, shapes)
         base = {
-            "adapter": self.name,
-            "backend_version": self.backend_version(),
-            "device": device,
-            "hint": hint,
-            "compile_ms": compile_ms,
+            **self._benchmark_header(device, hint, compile_ms),
             "precision": _reported_precision(compiled),
             "reshaped": reshaped,
         }
@@ -426,6 +390,17 @@ def _convert_onnx(ov: Any, artifact: ModelArtifact) -> Any:
         src = Path(tmp) / "model.onnx"
         src.write_bytes(artifact.model.SerializeToString())
         return ov.convert_model(str(src))
+
+
+def _compile_model(model: Any, device: str, props: Mapping[str, Any]) -> Any:
+    """``compile_model`` with OpenVINO's failure turned into one line naming the device."""
+    try:
+        return ov_core().compile_model(model, device, dict(props))
+    except Exception as exc:
+        first = ov_message(exc)
+        raise DamoError(
+            f"OpenVINO could not compile the model for {device}: {first[:300]}"
+        ) from exc
 
 
 def _precision_props(device: str, precision: str | None) -> dict[str, Any]:
