@@ -25,6 +25,24 @@ damo_opt = run_cli
 __all__ = ["REPO", "assert_clean_error", "damo_opt", "randomize_bn", "small_checkpoint"]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules with ``slow`` tests first, each module's tests kept together and in order.
+
+    ``pytest -n 2`` hands each worker runs of consecutive tests: started early, the
+    minutes-long end-to-end tests overlap the many short ones instead of ending the run with
+    one worker idle; kept together, a module's fixtures are built on one worker, once.
+    """
+    slow: dict[str, int] = {}
+    for item in items:
+        slow.setdefault(item.nodeid.split("::")[0], 0)
+        if item.get_closest_marker("slow") is not None:
+            slow[item.nodeid.split("::")[0]] += 1
+    order = {m: i for i, m in enumerate(slow)}
+    items.sort(
+        key=lambda it: (slow[it.nodeid.split("::")[0]] == 0, order[it.nodeid.split("::")[0]])
+    )
+
+
 @pytest.fixture
 def plugin_path(tmp_path: Path) -> Iterator[Callable[..., Path]]:
     """Factory: ``plugin_path(dist, {module: source}, {ep_name: module})`` -> installed folder.

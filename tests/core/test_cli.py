@@ -104,6 +104,7 @@ def test_devices() -> None:
     assert "CPU" in ov["devices"] and ov["version"]
 
 
+@pytest.mark.slow
 def test_hello_plugin_distribution(tmp_path: Path) -> None:
     """The documented example plugin, installed for real with pip: its pass in a recipe, its
     event listener, its model builder and its verb, as ``docs/plugins.md`` shows them."""

@@ -21,6 +21,7 @@ def _examples() -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", DOC.read_text(), flags=re.S | re.M)
 
 
+@pytest.mark.slow
 def test_doc_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The examples, in order and in one namespace, as the page says; each must assert or
     produce what its text claims (they contain their own asserts)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from damo_plugins.core.artifact import load_model
@@ -53,6 +54,7 @@ def test_summary_claims_a_speed_up_only_when_every_round_shows_it() -> None:
     assert s["pruned_int8_vs_original"]["faster_every_round"]
 
 
+@pytest.mark.slow
 def test_demo_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     proc = damo_opt("demo", "--quick", "-o", str(out), timeout=900)

@@ -57,6 +57,7 @@ def _json(proc: subprocess.CompletedProcess[str]) -> object:
     return json.loads(proc.stdout)
 
 
+@pytest.mark.slow
 def test_evaluate_on_coco_layout_and_yaml(coco: Path) -> None:
     ov = _json(damo_opt("evaluate", MODEL, "--data", coco, "--json"))
     yml = _json(damo_opt("evaluate", MODEL, "--data", coco / "data.yaml", "--json"))
@@ -82,6 +83,7 @@ def test_evaluate_errors(coco: Path, tmp_path: Path) -> None:
     assert_clean_error(damo_opt("evaluate", MODEL, "--data", three), "6 classes", "has 3")
 
 
+@pytest.mark.slow
 def test_compare_two_formats(coco: Path, tmp_path: Path) -> None:
     """The checkpoint and its ONNX export: one table, same accuracy, both timed."""
     onnx = tmp_path / "model.onnx"
@@ -101,6 +103,7 @@ def test_compare_two_formats(coco: Path, tmp_path: Path) -> None:
     assert isinstance(rows, list) and rows[0]["mAP"] is None and rows[0]["latency_ms"] > 0
 
 
+@pytest.mark.slow
 def test_quantize_reads_a_coco_folder_for_calib_and_val(coco: Path, tmp_path: Path) -> None:
     """``--calib DATA --val DATA`` as ``--data`` everywhere: the train images calibrate, the
     labelled val split checks INT8 by mAP (a COCO layout and a dataset YAML alike)."""

@@ -141,6 +141,7 @@ def sensitivity_runs(data, tmp_path_factory):
     return base, cache, runs
 
 
+@pytest.mark.slow
 def test_sensitivity_is_measured_once_then_read_from_the_cache(sensitivity_runs):
     base, cache, ((_, m1), (_, m2)) = sensitivity_runs
     s1, s2 = m1["sensitivity"], m2["sensitivity"]
@@ -177,6 +178,7 @@ def test_pruned_model_saved_and_replayed_gives_the_same_outputs(sensitivity_runs
     assert loaded.flops() == m["flops_after"]
 
 
+@pytest.mark.slow
 def test_the_unpruned_teacher_narrows_the_gap_left_by_plain_fine_tuning(tmp_path):
     """Same pruned model, seed, data and schedule; recovered with and without the teacher.
 
