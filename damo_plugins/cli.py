@@ -108,6 +108,20 @@ def _track(args: argparse.Namespace) -> None:
     os.environ["DAMO_MLFLOW"] = args.mlflow
 
 
+RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def _bare_mlflow(argv: list[str]) -> list[str]:
+    """``run --mlflow recipe.yaml``: a recipe file right after ``--mlflow`` is the recipe, not
+    a tracking URI (``nargs='?'`` would take it as the URI and then miss the recipe). No
+    tracking store is a ``.yaml``/``.yml``/``.json`` file, so the suffix decides."""
+    out = list(argv)
+    for i, tok in enumerate(out[:-1]):
+        if tok == "--mlflow" and os.path.splitext(out[i + 1])[1].lower() in RECIPE_SUFFIXES:
+            out[i] = "--mlflow=on"
+    return out
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from damo_plugins.core.manager import get_manager
     from damo_plugins.core.pipeline import run
@@ -393,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # --verbose (anywhere, or DAMO_VERBOSE=1; implied by --debug): backends' progress bars,
     # log lines and warnings are shown instead of held back (core/progress.py)
     verbose = "--verbose" in argv or is_verbose() or debug
-    argv = [a for a in argv if a != "--verbose"]
+    argv = _bare_mlflow([a for a in argv if a != "--verbose"])
     set_verbose(verbose)
     if not verbose:
         import logging

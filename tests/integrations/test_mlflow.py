@@ -381,6 +381,18 @@ def test_off_by_default_and_mlflow_not_imported(tmp_path: Path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_bare_mlflow_option_before_the_recipe(tracked: str, store: str, tmp_path: Path):
+    """``damo-opt run --mlflow recipe.yaml``: the option takes no URI (MLflow's own default,
+    here MLFLOW_TRACKING_URI) and the recipe is still the recipe."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: tiny-cnn\nsteps:\n  - export: {opset: 17}\n", encoding="utf-8")
+    env = {"DAMO_MLFLOW": None, "MLFLOW_TRACKING_URI": store, "MLFLOW_EXPERIMENT_NAME": tracked}
+    proc = damo_opt("run", "--mlflow", str(recipe), "-o", "bare", env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (r,) = _runs(store, tracked)
+    assert r.info.run_name == "bare" and r.info.status == "FINISHED"
+
+
 def test_mlflow_option_without_the_integration_is_an_error(tmp_path: Path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: tiny-cnn\nsteps:\n  - export: {opset: 17}\n", encoding="utf-8")
