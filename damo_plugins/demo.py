@@ -56,7 +56,7 @@ class DemoSettings:
 
     data: str  # a ``synthetic[:TRAIN,VAL]`` spec (generated once, cached)
     calibration: int  # images NNCF calibrates on
-    prune_ratio: float  # fraction of channels the prune pass removes (global Taylor ranking)
+    prune_flops: float  # fraction of FLOPs the prune pass removes (the seed's pruned row: 20 %)
     finetune_epochs: int  # recovery epochs after pruning (on the data's train split)
     recovery_iters: int | None  # at most this many recovery iterations per epoch
     rounds: int  # interleaved latency rounds
@@ -102,7 +102,7 @@ def demo_recipes(
     """
     s = QUICK if quick else FULL
     prune: dict[str, Any] = {
-        "ratio": s.prune_ratio,
+        "flops": s.prune_flops,
         "importance": "taylor",
         "scope": "global",
         "finetune_epochs": s.finetune_epochs,
