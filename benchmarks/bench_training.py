@@ -360,6 +360,8 @@ ABLATION = (
     ("distillation", {"recovery": "distill", "allocation": "uniform"}),
     ("distillation + sensitivity", {"recovery": "distill", "allocation": "sensitivity"}),
 )
+#: ``--ablation-arms`` names of the rows above
+ARMS = {"finetune": 0, "distill": 1, "distill+sensitivity": 2}
 
 
 def section_ablation(args: argparse.Namespace) -> None:
@@ -373,8 +375,12 @@ def section_ablation(args: argparse.Namespace) -> None:
     out = Path(args.work) / "ablation.json"
     previous = json.loads(out.read_text()) if out.exists() else {}
     runs: dict[str, Any] = previous.get("runs", {}) if args.ablation_merge else {}
+    try:
+        arms = [ABLATION[ARMS[a]] for a in args.ablation_arms.split(",")]
+    except KeyError as exc:
+        raise SystemExit(f"--ablation-arms: unknown arm {exc}; use {', '.join(ARMS)}") from None
     for seed in (int(x) for x in args.seeds.split(",")):
-        for label, options in ABLATION:
+        for label, options in arms:
             cfg = {
                 "flops": args.ablation_flops,
                 "steps": args.prune_steps,
@@ -412,22 +418,35 @@ def section_ablation(args: argparse.Namespace) -> None:
                 "sensitivity_cached": (m.get("sensitivity") or {}).get("cached"),
                 "wall_min": round((time.perf_counter() - t0) / 60, 2),
                 "check": verdict(res),
+                "steps": args.prune_steps,
+                "epochs": args.finetune_epochs,
+                "flops_target": args.ablation_flops,
+                "size": size,
+                "eval_images": args.ablation_eval,
+                "command": command(__file__, args.argv),
             }
             runs[f"{label} / seed {seed}"] = row
+            # one file per row as soon as it is done: runs of other arms or seeds can go on
+            # in parallel into the same WORK, and a stopped run keeps its finished rows
+            slug = label.replace(" + ", "+").replace(" ", "-")
+            _save(
+                Path(args.work) / "ablation" / f"{slug}-e{args.finetune_epochs}-s{seed}.json", row
+            )
             print(json.dumps(row), flush=True)
-    _save(
-        out,
-        {
-            "runs": runs,
-            "flops": args.ablation_flops,
-            "steps": args.prune_steps,
-            "epochs": args.finetune_epochs,
-            "recovery_iters": args.recovery_iters,
-            "size": size,
-            "eval_images": args.ablation_eval,
-            "command": command(__file__, args.argv),
-        },
-    )
+    _save(out, {"runs": runs, **_ablation_meta(args)})
+
+
+def _ablation_meta(args: argparse.Namespace) -> dict[str, Any]:
+    """What every row of an ablation shares (its command line's settings)."""
+    return {
+        "flops": args.ablation_flops,
+        "steps": args.prune_steps,
+        "epochs": args.finetune_epochs,
+        "recovery_iters": args.recovery_iters,
+        "size": args.ablation_size,
+        "eval_images": args.ablation_eval,
+        "command": command(__file__, args.argv),
+    }
 
 
 def _ablation_report(a: dict[str, Any]) -> list[str]:
@@ -437,9 +456,15 @@ def _ablation_report(a: dict[str, Any]) -> list[str]:
     def num(x: float | None) -> str:
         return "—" if x is None else f"{x:.3f}"
 
+    order = [label for label, _ in ABLATION]
+    runs = sorted(
+        a["runs"].values(),
+        key=lambda r: (r.get("epochs", a["epochs"]), order.index(r["label"]), r["seed"]),
+    )
     rows = [
         [
             r["label"],
+            f"{r.get('steps', a['steps'])} x {r.get('epochs', a['epochs'])}",
             r["seed"],
             pct(r["flops_removed"]),
             pct(r["params_removed"]),
@@ -451,20 +476,26 @@ def _ablation_report(a: dict[str, Any]) -> list[str]:
             else f"{(r['mAP_recovered'] - r['mAP_before']) * 100:+.1f}",
             "—" if r["recovery_cpu_seconds"] is None else f"{r['recovery_cpu_seconds'] / 60:.1f}",
         ]
-        for r in a["runs"].values()
+        for r in runs
     ]
-    iters = f", at most {a['recovery_iters']} iterations per epoch" if a.get("recovery_iters") else ""
+    iters = (
+        f", at most {a['recovery_iters']} iterations per epoch" if a.get("recovery_iters") else ""
+    )
+    commands = sorted({r["command"] for r in runs if r.get("command")}) or [a.get("command")]
     return [
         "### Pruning recovery ablation",
         "",
-        *_made_by(a),
-        f"Target: {a['flops']:.0%} of the FLOPs removed in {a['steps']} step(s), each "
-        f"recovered by {a['epochs']} epoch(s){iters}; {a['size']} px; mAP on the first "
-        f"{a['eval_images'] or 'all'} val images (the control split). Same seeds per row.",
+        "Made by: " + "; ".join(f"`{c}`" for c in commands if c),
+        "",
+        f"Target: {a['flops']:.0%} of the FLOPs removed in the steps shown, each step "
+        f"recovered by the epochs shown{iters}; {a['size']} px; mAP on "
+        + (f"the first {a['eval_images']}" if a["eval_images"] else "all")
+        + " val images (the control split). Same seeds per row.",
         "",
         *md_table(
             [
                 "recovery",
+                "steps x epochs",
                 "seed",
                 "FLOPs removed",
                 "params removed",
@@ -609,8 +640,23 @@ def section_report(args: argparse.Namespace) -> str:
             *md_table([*head, "speed-up", "mAP", "mAP pruned", "mAP fine-tuned"], rows),
             "",
         ]
-    if (work / "ablation.json").exists():
-        lines += _ablation_report(json.loads((work / "ablation.json").read_text()))
+    ablation = (
+        json.loads((work / "ablation.json").read_text())
+        if (work / "ablation.json").exists()
+        else None
+    )
+    rows = [json.loads(f.read_text()) for f in sorted((work / "ablation").glob("*.json"))]
+    if rows:  # the per-row files (all arms, seeds and epochs run into this WORK)
+        first = rows[0]
+        ablation = {
+            **(ablation or _ablation_meta(args)),
+            "flops": first.get("flops_target", args.ablation_flops),
+            "size": first.get("size", args.ablation_size),
+            "eval_images": first.get("eval_images"),
+            "runs": {str(i): r for i, r in enumerate(rows)},
+        }
+    if ablation is not None:
+        lines += _ablation_report(ablation)
     text = "\n".join(lines) + "\n"
     write_section(args.doc, text)
     print(text)
@@ -622,9 +668,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument(
-        "section", choices=("all", "train", "distill", "prune", "ablation", "report")
-    )
+    ap.add_argument("section", choices=("all", "train", "distill", "prune", "ablation", "report"))
     ap.add_argument("--work", default="runs/bench_training")
     ap.add_argument("--train-images", type=int, default=3000)
     ap.add_argument("--val-images", type=int, default=300)
@@ -655,6 +699,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--sensitivity-images", type=int, default=64)
     ap.add_argument("--recovery-iters", type=int, default=None, help="cap per epoch (smoke)")
     ap.add_argument("--seeds", default="0,1", help="ablation seeds")
+    ap.add_argument(
+        "--ablation-arms", default=",".join(ARMS), help=f"ablation rows, of {', '.join(ARMS)}"
+    )
     ap.add_argument("--ablation-lr", type=float, default=2e-4, help="recovery learning rate")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--save-asset", action="store_true")
