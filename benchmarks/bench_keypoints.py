@@ -113,16 +113,130 @@ def peak_memory(variant: str, kind: str, r: int, threads: int) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def _fidelity_text(fid: dict[str, float], features: dict[str, float]) -> str:
+    """One line: FPN maps per level, then the detection match."""
+    levels = sorted({k.split("_")[0] for k in features if k[0] == "p"}, key=lambda k: int(k[1:]))
+    maps = ", ".join(
+        f"{k} cos {features[k + '_cos']:.4f} / SNR {features[k + '_snr_db']:.1f} dB" for k in levels
+    )
+    det = ", ".join(
+        f"{k} {fid[k]:.3g}"
+        for k in (
+            "fp32_detections",
+            "int8_detections",
+            "matched",
+            "mean_iou",
+            "max_dscore",
+            "unmatched_max_score",
+            "kp_p95_px",
+        )
+    )
+    return f"FPN maps: {maps}; detections: {det}"
+
+
+def _int8_variants(
+    proto, variants: list[str], size: tuple[int, int], args, sess, notes: list[str]
+) -> dict:
+    """Quantize for ``ov-int8`` / ``ort-int8`` on the same random images; ``{variant: run}``.
+
+    Appends to ``notes`` what is INT8 (counted in the graph each runtime executes) and the
+    fidelity to the FP32 model in the same runtime on two held-out random images.
+    """
+    from damo_plugins.core.onnx_utils import ort_session
+    from damo_plugins.keypoints import int8
+
+    wanted = [v for v in variants if v.endswith("-int8")]
+    if not wanted:
+        return {}
+    g = torch.Generator().manual_seed(1)
+    h0, w0 = size
+    calib = [(torch.rand(1, 3, h0, w0, generator=g) * 255).numpy() for _ in range(args.calib)]
+    held = [(torch.rand(1, 3, h0, w0, generator=g) * 255).numpy() for _ in range(2)]
+    where = f"calibrated on {args.calib} random {h0}x{w0} images; fidelity on 2 other ones"
+    fns = {}
+    if "ov-int8" in wanted:
+        log(f"ov-int8: quantizing on {args.calib} random {h0}x{w0} images ...")
+        t0 = time.perf_counter()
+        q_model, info = int8.quantize_keypoint_rcnn(proto, calib)
+        log(f"quantized in {time.perf_counter() - t0:.0f} s: {info}")
+        # static: OpenVINO 2026.4 miscomputes these INT8 convolutions with dynamic shapes
+        fid = int8.compare_int8_model(proto, q_model, held, threads=args.threads, static=True)
+        feats = int8.feature_fidelity(
+            int8.openvino_features(proto, args.threads, static=True),
+            int8.openvino_features(q_model, args.threads, static=True),
+            held,
+        )
+        dynamic = int8.feature_fidelity(
+            int8.openvino_features(proto, args.threads),
+            int8.openvino_features(q_model, args.threads),
+            held,
+        )
+        notes.append(
+            f"- ov-int8 (NNCF, OpenVINO backend; compiled per input size with the shape fixed): "
+            f"{info['quantized_layers']} of {info['backbone_layers']} backbone/FPN convolutions "
+            f"INT8 ({info['fake_quantize']} FakeQuantize, 7-bit weights: overflow fix "
+            f"{info['overflow_fix']}), everything else float; {where}, vs ov: "
+            + _fidelity_text(fid, feats)
+            + ". The same IR compiled with its dynamic shape (as a plain `compile_model`): FPN "
+            + ", ".join(
+                f"{k.split('_')[0]} SNR {v:.1f} dB"
+                for k, v in dynamic.items()
+                if k[0] == "p" and k.endswith("_snr_db")
+            )
+        )
+        fns["ov-int8"] = int8.openvino_f32(q_model, args.threads, static=True)
+    if "ort-int8" in wanted:
+        log(f"ort-int8: quantizing the ONNX graph on {args.calib} random {h0}x{w0} images ...")
+        t0 = time.perf_counter()
+        q_proto, info = int8.quantize_onnx_keypoint_rcnn(proto, calib)
+        log(f"quantized in {time.perf_counter() - t0:.0f} s: {info}")
+        executed = int8.ort_executed_ops(q_proto, args.threads)
+        log(f"ORT executes: { {k: v for k, v in executed.items() if 'Q' in k or 'Conv' in k} }")
+        q_sess = ort_session(q_proto, threads=args.threads)
+        ref = [sess.run(None, {"image": x}) for x in held]
+        out = [q_sess.run(None, {"image": x}) for x in held]
+        feats = int8.feature_fidelity(
+            int8.ort_features(proto, args.threads), int8.ort_features(q_proto, args.threads), held
+        )
+        fused = sum(executed.get(k, 0) for k in int8.ORT_INTEGER_OPS)
+        notes.append(
+            f"- ort-int8 (NNCF, ONNX backend, QDQ graph): {info['quantized_layers']} of "
+            f"{info['backbone_layers']} backbone/FPN convolutions fed by QuantizeLinear/"
+            f"DequantizeLinear in the file; in the graph ONNX Runtime executes, **{fused} "
+            f"integer convolutions** (QLinearConv/ConvInteger), "
+            f"{executed.get('DequantizeLinear', 0)} DequantizeLinear and "
+            f"{executed.get('QuantizeLinear', 0)} QuantizeLinear left (the remaining "
+            f"convolutions run float on dequantized inputs); {where}, vs ort: "
+            + _fidelity_text(int8.int8_fidelity(ref, out), feats)
+        )
+        fns["ort-int8"] = lambda arr: q_sess.run(None, {"image": arr})
+    return fns
+
+
+def _static_fp32(proto, variants: list[str], threads: int) -> dict:
+    """``ov-static``: the FP32 graph compiled per input size with the shape fixed, like
+    ov-int8 (the fair base for its speed-up; ``ov`` keeps the dynamic shape)."""
+    if "ov-static" not in variants:
+        return {}
+    from damo_plugins.keypoints.int8 import openvino_f32
+
+    return {"ov-static": openvino_f32(proto, threads, static=True)}
+
+
 def full_main(argv: Sequence[str]) -> None:
     """``--full``: the whole Keypoint R-CNN R50-FPN graph (ORT, OpenVINO f32) vs eager PyTorch.
 
     Random weights with trained scales (``random_detectron2_state``); ``--person-bias`` sets
     how many proposals pass the 0.05 score threshold, i.e. the detection count D, which drives
     the 512-channel keypoint head's cost. The export has dynamic H, W: one graph for all sizes.
-    ``--variants`` picks from eager, ort, ov (OpenVINO f32) and ov-int8 (NNCF INT8 of the
-    backbone + FPN, :mod:`damo_plugins.keypoints.int8`, calibrated on ``--calib`` random
-    images of the first size; its fidelity vs ov on two other random images is reported).
-    Ratios are to the first variant.
+    ``--variants`` picks from eager, ort, ov (OpenVINO f32, dynamic shape), ov-static (the
+    same compiled per image size with the shape fixed), ov-int8 and ort-int8 (NNCF INT8 of
+    the backbone + FPN, :mod:`damo_plugins.keypoints.int8`: NNCF's OpenVINO backend for
+    ov-int8, compiled per size like ov-static because OpenVINO 2026.4 miscomputes it with a
+    dynamic shape; its ONNX backend -- a QDQ ONNX graph -- for ort-int8; both calibrated on
+    the same ``--calib`` random images of the first size). Their fidelity to the FP32 model
+    in the same runtime is reported on two other random images: FPN maps (cosine, SNR) and
+    detections. Ratios are to the first variant.
     """
     from damo_plugins.keypoints.export import OPENVINO_F32_CONFIG, export_keypoint_model
     from damo_plugins.keypoints.rcnn import KeypointRCNN, random_detectron2_state
@@ -133,13 +247,15 @@ def full_main(argv: Sequence[str]) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--sizes", default="800x1333,480x640", help="HxW,...")
     ap.add_argument("--person-bias", type=float, default=1.0)
-    ap.add_argument("--variants", default="eager,ort,ov", help="eager,ort,ov,ov-int8")
-    ap.add_argument("--calib", type=int, default=4, help="random calibration images (ov-int8)")
+    ap.add_argument(
+        "--variants", default="eager,ort,ov", help="eager,ort,ort-int8,ov,ov-static,ov-int8"
+    )
+    ap.add_argument("--calib", type=int, default=4, help="random calibration images (*-int8)")
     ap.add_argument("--key", default="full-model", help="section of --doc to write")
     ap.add_argument("--doc", default=str(DOCS / "keypoints.md"), help="Markdown to write into")
     args = ap.parse_args(argv)
     variants = args.variants.split(",")
-    unknown = set(variants) - {"eager", "ort", "ov", "ov-int8"}
+    unknown = set(variants) - {"eager", "ort", "ort-int8", "ov", "ov-static", "ov-int8"}
     if unknown:
         ap.error(f"unknown variants {sorted(unknown)}")
     sizes = [tuple(int(v) for v in size.lower().split("x")) for size in args.sizes.split(",")]
@@ -158,27 +274,10 @@ def full_main(argv: Sequence[str]) -> None:
     config = {**OPENVINO_F32_CONFIG, "INFERENCE_NUM_THREADS": args.threads}
     compiled = core.compile_model(core.read_model(proto.SerializeToString(), b""), "CPU", config)
     notes: list[str] = []
-    if "ov-int8" in variants:
-        from damo_plugins.keypoints.int8 import compare_int8_model, quantize_keypoint_rcnn
-
-        g = torch.Generator().manual_seed(1)
-        h0, w0 = sizes[0]
-        calib = [(torch.rand(1, 3, h0, w0, generator=g) * 255).numpy() for _ in range(args.calib)]
-        held = [(torch.rand(1, 3, h0, w0, generator=g) * 255).numpy() for _ in range(2)]
-        log(f"quantizing on {args.calib} random {h0}x{w0} images ...")
-        t0 = time.perf_counter()
-        q_model, info = quantize_keypoint_rcnn(proto, calib)
-        log(f"quantized in {time.perf_counter() - t0:.0f} s: {info}")
-        q_compiled = core.compile_model(q_model, "CPU", config)
-        fid = compare_int8_model(proto, q_model, held, threads=args.threads)
-        notes.append(
-            f"ov-int8: {info['quantized_layers']} of {info['backbone_layers']} backbone/FPN "
-            f"layers INT8 ({info['fake_quantize']} FakeQuantize), everything else float; "
-            f"calibrated on {args.calib} random {h0}x{w0} images. Fidelity vs ov on 2 other "
-            "random images (random weights, so only indicative): "
-            + ", ".join(f"{k} {v:.3g}" for k, v in fid.items())
-        )
+    int8_fns = _int8_variants(proto, variants, sizes[0], args, sess, notes)
+    int8_fns.update(_static_fp32(proto, variants, args.threads))
     rows = []
+    speedups: list[str] = []  # INT8 vs its FP32 base, medians of per-round ratios
     for h, w in sizes:
         image = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(h)) * 255
         arr = image.numpy()
@@ -194,9 +293,23 @@ def full_main(argv: Sequence[str]) -> None:
             "ort": lambda arr=arr: sess.run(None, {"image": arr}),
             "ov": lambda arr=arr: compiled({0: arr}),
         }
-        if "ov-int8" in variants:
-            fns["ov-int8"] = lambda arr=arr: q_compiled({0: arr})
+        for name, run in int8_fns.items():
+            fns[name] = lambda arr=arr, run=run: run(arr)
         times = interleaved_timing({v: fns[v] for v in variants}, args.rounds, warmup=1)
+        pairs = [
+            (a, b)
+            for a, b in (
+                ("ort", "ort-int8"),
+                ("ov-static", "ov-int8"),
+                ("ov", "ov-int8"),
+                ("ov", "ov-static"),
+            )
+            if a in variants and b in variants
+        ]
+        if pairs:
+            speedups.append(
+                f"- {h}x{w}: " + ", ".join(f"{a} / {b} {times.ratio(a, b):.2f}x" for a, b in pairs)
+            )
         rows.append(
             [f"{h}x{w}", detections]
             + [f"{times.median(v):.0f} ({times.ratio(variants[0], v):.2f}x)" for v in variants]
@@ -214,6 +327,11 @@ def full_main(argv: Sequence[str]) -> None:
         machine_line(),
         "",
         *md_table(["image", "D", *(f"{v} ms (x)" for v in variants)], rows),
+        *(
+            ["", "Speed-ups within the same rounds (median of per-round ratios):", *speedups]
+            if speedups
+            else []
+        ),
         *(["", *notes] if notes else []),
     ]
     text = "\n".join(lines) + "\n"

@@ -1,4 +1,8 @@
-"""INT8 Keypoint R-CNN: the exported whole-model graph quantized with NNCF in OpenVINO.
+"""INT8 Keypoint R-CNN: the exported whole-model graph quantized with NNCF -- its OpenVINO
+backend for an IR (:func:`quantize_keypoint_rcnn`), its ONNX backend for a QDQ graph that ONNX
+Runtime runs (:func:`quantize_onnx_keypoint_rcnn`) -- and its fidelity to the FP32 graph:
+detections (:func:`int8_fidelity`) and FPN feature maps (:func:`feature_fidelity`, cosine and
+SNR per level, meaningful even with random weights).
 
 What may be INT8 is read from the graph, not from a list of node names. Ops downstream of a
 data-dependent selection (``TopK``, ``NonMaxSuppression``, ``NonZero``, ``ROIAlign``) are the
@@ -40,6 +44,16 @@ MATRIX_OPS = frozenset(
 )
 #: ops that are neither computed nor quantized
 STRUCTURAL = frozenset({"Parameter", "Constant", "Result"})
+#: NNCF's ``overflow_fix``: ``enable`` quantizes every convolution's weights to 7 bits
+#: (-63..63). Why: a CPU without VNNI (AVX2 only, as here) multiplies u8 activations by
+#: s8 weights with ``vpmaddubsw``, which sums pairs into int16 and saturates once
+#: 2 * 255 * |w| > 32767, i.e. for |w| > 64. Measured with OpenVINO 2026.4 on this AVX2
+#: machine: FakeQuantize -> Convolution with 8-bit weights was off by 0.39 on outputs of
+#: magnitude 1.3, with 7-bit weights by 5e-4. NNCF's default (``first_layer_only``) leaves
+#: 8-bit weights in every later layer. The fix costs one bit of weight precision on VNNI /
+#: AMX CPUs, where it is not needed; pass ``first_layer_only`` for a model that will only
+#: run there.
+OverflowFix = Literal["enable", "first_layer_only", "disable"]
 #: a detection of the INT8 model matches an FP32 one with the same class and IoU >= this
 MATCH_IOU = 0.5
 #: Detectron2's test-time resize (``ResizeShortestEdge``): short side, cap on the long side
@@ -209,31 +223,19 @@ def transplant_quantizers(quantized: Any, target: Any) -> int:
     return rewired
 
 
-def quantize_keypoint_rcnn(
-    model: Any,
-    calibration: Sequence[np.ndarray],
-    *,
-    preset: Literal["performance", "mixed"] = "mixed",
-    subset_size: int = 300,
-) -> tuple[Any, dict[str, Any]]:
-    """NNCF post-training INT8 of a whole Keypoint R-CNN graph; ``(openvino.Model, info)``.
-
-    ``calibration``: BGR images ``[1, 3, H, W]`` (any size each, as the graph takes them).
-    NNCF quantizes the backbone sub-graph alone (:func:`backbone_model`): given the whole
-    graph it spent minutes matching its hardware patterns against ~1,700 ops (RPN, NMS,
-    loops of the post-processing) that stay float anyway, and its graph builder rejects the
-    post-processing's Loop bodies (they read outer constants). The quantizers are then copied
-    into the whole graph (:func:`transplant_quantizers`). ``preset`` ``mixed`` (asymmetric
-    activations): the stem sees a mean-subtracted image, not centred on zero. Bias correction
-    is off (the biases of a Detectron2 checkpoint are kept as trained). A result without any
-    FakeQuantize is an error: it would be an FP32 model under an INT8 name.
-    """
+def _advanced(nncf: Any, overflow_fix: str) -> Any:
+    """The NNCF advanced parameters both backends use: no bias correction, the overflow fix."""
     try:
-        import nncf
-    except ImportError as exc:
-        raise DamoError("NNCF is not installed", "pip install nncf") from exc
-    import logging
+        fix = nncf.OverflowFix(overflow_fix)
+    except ValueError as exc:
+        raise DamoError(
+            f"unknown overflow_fix {overflow_fix!r}", "use enable, first_layer_only or disable"
+        ) from exc
+    return nncf.AdvancedQuantizationParameters(disable_bias_correction=True, overflow_fix=fix)
 
+
+def _check_calibration(calibration: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The calibration images as a list, each one BGR image ``[1, 3, H, W]``."""
     items = list(calibration)
     if not items:
         raise DamoError("the calibration set is empty", "give a folder with a few images")
@@ -244,6 +246,38 @@ def quantize_keypoint_rcnn(
                 "[1, 3, H, W]",
                 "give image files, or a .npy of shape [N, 3, H, W]",
             )
+    return items
+
+
+def quantize_keypoint_rcnn(
+    model: Any,
+    calibration: Sequence[np.ndarray],
+    *,
+    preset: Literal["performance", "mixed"] = "mixed",
+    subset_size: int = 300,
+    overflow_fix: OverflowFix = "enable",
+) -> tuple[Any, dict[str, Any]]:
+    """NNCF post-training INT8 of a whole Keypoint R-CNN graph; ``(openvino.Model, info)``.
+
+    ``calibration``: BGR images ``[1, 3, H, W]`` (any size each, as the graph takes them).
+    NNCF quantizes the backbone sub-graph alone (:func:`backbone_model`): given the whole
+    graph it spent minutes matching its hardware patterns against ~1,700 ops (RPN, NMS,
+    loops of the post-processing) that stay float anyway, and its graph builder rejects the
+    post-processing's Loop bodies (they read outer constants). The quantizers are then copied
+    into the whole graph (:func:`transplant_quantizers`). ``preset`` ``mixed`` (asymmetric
+    activations): the stem sees a mean-subtracted image, not centred on zero. Bias correction
+    is off (the biases of a Detectron2 checkpoint are kept as trained). ``overflow_fix``: see
+    :data:`OverflowFix` (default 7-bit weights everywhere). A result without any
+    FakeQuantize is an error: it would be an FP32 model under an INT8 name.
+    """
+    try:
+        import nncf
+    except ImportError as exc:
+        raise DamoError("NNCF is not installed", "pip install nncf") from exc
+    import logging
+
+    advanced = _advanced(nncf, overflow_fix)  # a bad option fails before any work
+    items = _check_calibration(calibration)
     full = to_openvino(model)
     quantized, kept = quantization_scope(full)
     sub = backbone_model(full.clone())  # clone: same friendly names, nodes not shared
@@ -257,7 +291,7 @@ def quantize_keypoint_rcnn(
             preset=nncf.QuantizationPreset(preset),
             subset_size=min(int(subset_size), len(items)),
             ignored_scope=nncf.IgnoredScope(names=kept, validate=False),
-            advanced_parameters=nncf.AdvancedQuantizationParameters(disable_bias_correction=True),
+            advanced_parameters=advanced,
         )
     except DamoError:
         raise
@@ -281,6 +315,7 @@ def quantize_keypoint_rcnn(
     info = {
         "scope": "backbone",
         "preset": preset,
+        "overflow_fix": overflow_fix,
         "calibration_images": len(items),
         "backbone_layers": len(quantized),
         "quantized_layers": len(fq),
@@ -309,6 +344,351 @@ def fake_quantize_targets(model: Any) -> dict[str, list[str]]:
                 continue
             out.setdefault(node.get_friendly_name(), []).append(op.get_friendly_name())
     return out
+
+
+# ------------------------------------------------------------ ONNX (ONNX Runtime)
+#: the ONNX spelling of :data:`SELECTION_OPS`
+ONNX_SELECTION_OPS = frozenset({"TopK", "NonMaxSuppression", "NonZero", "RoiAlign"})
+#: what ONNX Runtime's CPU provider runs in integer arithmetic (after its QDQ fusions)
+ORT_INTEGER_OPS = frozenset({"QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger"})
+
+
+def onnx_feature_nodes(proto: Any) -> tuple[list[int], list[str]]:
+    """``(node indices, feature tensors)`` of an exported whole model: the top-level nodes
+    computing what ``RoiAlign`` pools (every ancestor of a ``RoiAlign``'s data input: backbone
+    and FPN), in graph order, and those tensors (P2..P5) in first-use order."""
+    graph = proto.graph
+    producer = {out: i for i, node in enumerate(graph.node) for out in node.output}
+    features = list(dict.fromkeys(n.input[0] for n in graph.node if n.op_type == "RoiAlign"))
+    if not features:
+        raise DamoError(
+            "this ONNX graph has no RoiAlign: it is not a whole Keypoint R-CNN",
+            "export it with `damo-opt keypoints export --full`",
+        )
+    seen: set[int] = set()
+    todo = [producer[t] for t in features if t in producer]
+    while todo:
+        i = todo.pop()
+        if i in seen:
+            continue
+        seen.add(i)
+        node = graph.node[i]
+        if any(a.g.node or a.graphs for a in node.attribute):
+            # a Loop/If body may read outer tensors without naming them as inputs
+            raise DamoError(f"the features are computed by a control-flow node ({node.name})")
+        todo.extend(producer[t] for t in node.input if t in producer)
+    return sorted(seen), features
+
+
+def onnx_feature_model(proto: Any) -> Any:
+    """The sub-graph computing the pooled features as its own ONNX model: image -> the data
+    inputs of every ``RoiAlign`` (P2..P5), same node and tensor names as ``proto``. The
+    calibration model of :func:`quantize_onnx_keypoint_rcnn`, and how the FPN maps of an
+    FP32 / INT8 graph are read in ONNX Runtime without running the heads."""
+    import onnx
+
+    idx, features = onnx_feature_nodes(proto)
+    graph = proto.graph
+    nodes = [graph.node[i] for i in idx]
+    used = {t for n in nodes for t in n.input}
+    sub = onnx.helper.make_graph(
+        nodes,
+        "features",
+        [i for i in graph.input if i.name in used],
+        [onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in features],
+        [t for t in graph.initializer if t.name in used],
+    )
+    model = onnx.helper.make_model(sub, opset_imports=list(proto.opset_import))
+    model.ir_version = proto.ir_version
+    return model
+
+
+def _constant_value(graph: Any, tensor: str) -> np.ndarray | None:
+    """The value of ``tensor`` if it is an initializer, possibly behind ``Identity`` nodes
+    (how the torch exporter shares one initializer between uses), else ``None``."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in graph.initializer}
+    producer = {out: n for n in graph.node for out in n.output}
+    while tensor not in inits:
+        node = producer.get(tensor)
+        if node is None or node.op_type != "Identity":
+            return None
+        tensor = node.input[0]
+    return numpy_helper.to_array(inits[tensor])
+
+
+def fold_frozen_batchnorm(proto: Any, keep: frozenset[str] = frozenset()) -> tuple[Any, int]:
+    """``(model, folded)``: every ``Conv -> Mul(scale) -> Add(shift)`` whose scale and shift
+    are per-channel constants (Detectron2's ``FrozenBatchNorm2d`` as exported) becomes one
+    ``Conv`` with weight ``W * scale`` and bias ``b * scale + shift``, named like the Conv and
+    writing the Add's output tensor. Tensors in ``keep`` (read outside ``proto``) are never
+    folded away.
+
+    Why: ONNX Runtime turns ``DequantizeLinear -> Conv -> [Relu] -> QuantizeLinear`` into an
+    integer ``QLinearConv``, but not when a Mul and an Add sit between the Conv and the next
+    quantizer; without the fold every quantized convolution would run in float on
+    dequantized tensors. OpenVINO folds these itself. Per-output-channel symmetric weight
+    quantization is unchanged by a per-channel scale, so this is the same INT8 model.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    graph = out.graph
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for t in node.input:
+            consumers.setdefault(t, []).append(node)
+    outputs = {o.name for o in graph.output} | set(keep)
+    weights = {t.name: t for t in graph.initializer}
+
+    def only_consumer(tensor: str, op: str) -> Any:
+        users = consumers.get(tensor, [])
+        if tensor in outputs or len(users) != 1 or users[0].op_type != op:
+            return None
+        return users[0]
+
+    def per_channel(node: Any, data: str, channels: int) -> np.ndarray | None:
+        other = [t for t in node.input if t != data]
+        if len(other) != 1:
+            return None
+        value = _constant_value(graph, other[0])
+        if value is None or value.size != channels or value.ndim not in (3, 4):
+            return None
+        return value.reshape(channels).astype(np.float64)
+
+    dropped: set[str] = set()  # outputs of the folded Muls (each Mul's Add reads one)
+    for conv in graph.node:
+        if conv.op_type != "Conv" or len(conv.input) < 2 or conv.input[1] not in weights:
+            continue
+        w = numpy_helper.to_array(weights[conv.input[1]])
+        mul = only_consumer(conv.output[0], "Mul")
+        add = only_consumer(mul.output[0], "Add") if mul is not None else None
+        if add is None:
+            continue
+        scale = per_channel(mul, conv.output[0], w.shape[0])
+        shift = per_channel(add, mul.output[0], w.shape[0])
+        if scale is None or shift is None:
+            continue
+        bias = (
+            numpy_helper.to_array(weights[conv.input[2]]).astype(np.float64)
+            if len(conv.input) > 2 and conv.input[2]
+            else np.zeros(w.shape[0])
+        )
+        new_w = (w.astype(np.float64) * scale.reshape(-1, 1, 1, 1)).astype(w.dtype)
+        new_b = (bias * scale + shift).astype(w.dtype)
+        names = [f"{conv.name}.weight_bn_folded", f"{conv.name}.bias_bn_folded"]
+        graph.initializer.extend(
+            [numpy_helper.from_array(new_w, names[0]), numpy_helper.from_array(new_b, names[1])]
+        )
+        data = conv.input[0]
+        del conv.input[:]
+        conv.input.extend([data, *names])
+        dropped.add(mul.output[0])
+        conv.output[0] = add.output[0]
+    kept = [
+        n
+        for n in graph.node
+        if not (n.op_type == "Mul" and n.output[0] in dropped)
+        and not (n.op_type == "Add" and set(n.input) & dropped)
+    ]
+    del graph.node[:]
+    graph.node.extend(kept)
+    used = _referenced(graph)  # the unfolded weights, unless something else reads them
+    inits = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    folded = len(dropped)
+    return out, folded
+
+
+def _onnx_conv_scope(proto: Any) -> tuple[list[str], list[str]]:
+    """``(quantized, kept float)`` node names of a feature model: learned ``Conv`` nodes (the
+    weight an initializer) are quantized, every other node is NNCF-ignored -- the ONNX
+    counterpart of :func:`quantization_scope`."""
+    constants = {t.name for t in proto.graph.initializer}
+    quantized, kept = [], []
+    for node in proto.graph.node:
+        learned = node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in constants
+        (quantized if learned else kept).append(node.name)
+    return quantized, kept
+
+
+def qdq_convs(proto: Any) -> list[str]:
+    """Names of the ``Conv`` nodes of ``proto`` whose data and weight inputs both come from a
+    ``DequantizeLinear`` -- the convolutions a QDQ graph marks as INT8."""
+    producer = {out: n for n in proto.graph.node for out in n.output}
+
+    def dq(tensor: str) -> bool:
+        node = producer.get(tensor)
+        return node is not None and node.op_type == "DequantizeLinear"
+
+    return [
+        n.name
+        for n in proto.graph.node
+        if n.op_type == "Conv" and len(n.input) > 1 and dq(n.input[0]) and dq(n.input[1])
+    ]
+
+
+def splice_quantized_features(proto: Any, quantized: Any) -> Any:
+    """``proto`` with its feature nodes replaced by those of ``quantized`` (NNCF's result on
+    :func:`onnx_feature_model`). The feature nodes depend on the image alone, so putting them
+    first keeps the graph topologically sorted; the rest of ``proto`` is unchanged and reads
+    the same feature tensors (NNCF keeps the producers' output names)."""
+    import onnx
+
+    idx, _ = onnx_feature_nodes(proto)
+    drop = set(idx)
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    graph = out.graph
+    rest = [n for i, n in enumerate(proto.graph.node) if i not in drop]
+    del graph.node[:]
+    graph.node.extend(list(quantized.graph.node) + rest)
+    replaced = {t.name for t in quantized.graph.initializer}
+    inits = [t for t in proto.graph.initializer if t.name not in replaced]
+    inits += list(quantized.graph.initializer)
+    used = _referenced(graph)  # weights a fold or NNCF replaced are left out
+    del graph.initializer[:]
+    graph.initializer.extend(t for t in inits if t.name in used)
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    available |= {o for n in graph.node for o in n.output}
+    missing = sorted({t for n in rest for t in n.input if t} - available)
+    if missing:
+        raise DamoError(f"the quantized backbone no longer produces {', '.join(missing[:3])}")
+    return out
+
+
+def _read_outside_features(proto: Any) -> frozenset[str]:
+    """Tensors the nodes after the features read (heads, post-processing, their sub-graphs)."""
+    idx = set(onnx_feature_nodes(proto)[0])
+    names: set[str] = {o.name for o in proto.graph.output}
+    for i, node in enumerate(proto.graph.node):
+        if i not in idx:
+            names.update(node.input)
+            for attr in node.attribute:
+                for body in [attr.g, *attr.graphs] if (attr.g.node or attr.graphs) else []:
+                    names |= _referenced(body)
+    return frozenset(names)
+
+
+def _referenced(graph: Any) -> set[str]:
+    """Every tensor name a node of ``graph`` or of its sub-graphs (Loop/If bodies, which may
+    read outer initializers without declaring them) takes as input."""
+    names: set[str] = set()
+    for node in graph.node:
+        names.update(node.input)
+        for attr in node.attribute:
+            for body in [attr.g, *attr.graphs] if (attr.g.node or attr.graphs) else []:
+                names |= _referenced(body)
+    return names
+
+
+def quantize_onnx_keypoint_rcnn(
+    proto: Any,
+    calibration: Sequence[np.ndarray],
+    *,
+    preset: Literal["performance", "mixed"] = "mixed",
+    subset_size: int = 300,
+    overflow_fix: OverflowFix = "enable",
+) -> tuple[Any, dict[str, Any]]:
+    """NNCF post-training INT8 of a whole Keypoint R-CNN ONNX graph for ONNX Runtime;
+    ``(ModelProto with QuantizeLinear/DequantizeLinear, info)``.
+
+    The same recipe as :func:`quantize_keypoint_rcnn` with NNCF's ONNX backend instead of
+    its OpenVINO one (an OpenVINO IR cannot be run by ONNX Runtime): only the learned
+    convolutions computing the pooled features are quantized, calibrated on the feature
+    sub-graph alone (:func:`onnx_feature_model`) after folding the frozen batch norms into
+    the convolutions (:func:`fold_frozen_batchnorm`, so that ONNX Runtime can fuse them into
+    integer convolutions), preset ``mixed``, no bias correction; the result replaces the
+    feature nodes of the whole graph
+    (:func:`splice_quantized_features`). A result in which no convolution is fed by
+    ``DequantizeLinear`` is an error.
+    """
+    try:
+        import nncf
+    except ImportError as exc:
+        raise DamoError("NNCF is not installed", "pip install nncf") from exc
+    import logging
+
+    advanced = _advanced(nncf, overflow_fix)  # a bad option fails before any work
+    items = _check_calibration(calibration)
+    sub, folded = fold_frozen_batchnorm(onnx_feature_model(proto), _read_outside_features(proto))
+    quantized, kept = _onnx_conv_scope(sub)
+    name = sub.graph.input[0].name
+    log = logging.getLogger("nncf")
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        result = nncf.quantize(
+            sub,
+            nncf.Dataset(items, lambda x: {name: np.asarray(x, dtype=np.float32)}),
+            preset=nncf.QuantizationPreset(preset),
+            subset_size=min(int(subset_size), len(items)),
+            ignored_scope=nncf.IgnoredScope(names=kept, validate=False),
+            advanced_parameters=advanced,
+        )
+    except DamoError:
+        raise
+    except Exception as exc:
+        raise DamoError(
+            f"NNCF (ONNX) could not quantize the Keypoint R-CNN backbone: "
+            f"{type(exc).__name__}: {first_line(exc)[:300]}"
+        ) from exc
+    finally:
+        log.setLevel(level)
+    full = splice_quantized_features(proto, result)
+    convs = qdq_convs(full)
+    stray = sorted(set(convs) - set(quantized))
+    if stray:
+        raise DamoError(f"NNCF quantized convolutions outside the backbone: {', '.join(stray[:5])}")
+    if not convs:
+        raise DamoError(
+            "NNCF placed no quantizer in the Keypoint R-CNN: the result would be FP32",
+            "check the calibration images",
+        )
+    info = {
+        "scope": "backbone",
+        "preset": preset,
+        "overflow_fix": overflow_fix,
+        "calibration_images": len(items),
+        "backbone_layers": len(quantized),
+        "quantized_layers": len(convs),
+        "batchnorms_folded": folded,
+        "quantize_linear": sum(n.op_type == "QuantizeLinear" for n in full.graph.node),
+        "kept_float_ops": len(full.graph.node) - len(sub.graph.node) + len(kept),
+    }
+    return full, info
+
+
+def ort_executed_ops(proto: Any, threads: int | None = None) -> dict[str, int]:
+    """Op counts of the graph ONNX Runtime actually executes (its CPU provider, all graph
+    optimizations: QDQ fusion, constant folding, layout transforms), read from the
+    optimized model ORT writes. ``QLinearConv`` there is an INT8 convolution; a ``Conv``
+    left behind a ``DequantizeLinear`` runs in float on dequantized tensors."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    from damo_plugins.core.onnx_utils import MAX_ORT_IR_VERSION, _with_ir_version
+
+    if proto.ir_version > MAX_ORT_IR_VERSION:
+        proto = _with_ir_version(proto, MAX_ORT_IR_VERSION)
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(opts.optimized_model_filepath)
+    counts: dict[str, int] = {}
+    for node in optimized.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
 
 
 # -------------------------------------------------------------------- fidelity
@@ -392,12 +772,32 @@ def int8_fidelity(
     }
 
 
-def openvino_f32(model: Any, threads: int | None = None) -> Callable[[np.ndarray], list[Any]]:
+def openvino_f32(
+    model: Any, threads: int | None = None, static: bool = False
+) -> Callable[[np.ndarray], list[Any]]:
     """Compile ``model`` (ONNX proto, path or ``openvino.Model``) on CPU with the f32 hint
     and return ``image -> [boxes, scores, classes, keypoints]``.
 
     The hint keeps the float part of an INT8 model f32 (bf16 would round the boxes); the
-    FakeQuantize'd convolutions still run in INT8.
+    FakeQuantize'd convolutions still run in INT8. ``static``: see :func:`_openvino_runner`
+    (needed for INT8 models with OpenVINO 2026.4).
+    """
+    return _openvino_runner(to_openvino(model), threads, static)
+
+
+def _openvino_runner(
+    model: Any, threads: int | None, static: bool
+) -> Callable[[np.ndarray], list[Any]]:
+    """``image -> outputs`` of ``model`` (an ``openvino.Model`` the caller hands over) on CPU
+    with the f32 hint.
+
+    ``static=True`` compiles one copy per input shape with that shape fixed
+    (``model.reshape``). Why: OpenVINO 2026.4.1's CPU plugin, with a dynamic spatial shape,
+    computes wrong values (zeros) for an INT8 convolution whose FakeQuantize'd input is also
+    read by another op (a Result, a float Conv, an Add, a RoiAlign) -- measured on this AVX2
+    machine with a 2-convolution graph, and on the small test model, whose FPN levels 3-5
+    came out zero. In an FPN every level is such a tensor. With the shape fixed the same IR
+    is correct (feature SNR 32-43 dB). FP32 graphs are not affected.
     """
     import openvino as ov
 
@@ -406,17 +806,95 @@ def openvino_f32(model: Any, threads: int | None = None) -> Callable[[np.ndarray
     config: dict[str, Any] = dict(OPENVINO_F32_CONFIG)
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)
-    compiled = ov.Core().compile_model(to_openvino(model), "CPU", config)
-    outs = list(compiled.outputs)
-    return lambda image: [np.asarray(compiled({0: image})[o]) for o in outs]
+    core = ov.Core()
+    if not static:
+        compiled = core.compile_model(model, "CPU", config)
+        return lambda image: [np.asarray(v) for v in compiled({0: image}).values()]
+    cache: dict[tuple[int, ...], Any] = {}
+
+    def run(image: np.ndarray) -> list[Any]:
+        shape = tuple(int(d) for d in np.shape(image))
+        if shape not in cache:
+            fixed = model.clone()
+            fixed.reshape({0: list(shape)})
+            cache[shape] = core.compile_model(fixed, "CPU", config)
+        return [np.asarray(v) for v in cache[shape]({0: image}).values()]
+
+    return run
 
 
 def compare_int8_model(
-    fp32: Any, int8: Any, images: Sequence[np.ndarray], threads: int | None = None
+    fp32: Any,
+    int8: Any,
+    images: Sequence[np.ndarray],
+    threads: int | None = None,
+    static: bool = False,
 ) -> dict[str, float]:
-    """:func:`int8_fidelity` of two graphs, both in OpenVINO with the f32 hint."""
-    run_ref, run_q = openvino_f32(fp32, threads), openvino_f32(int8, threads)
+    """:func:`int8_fidelity` of two graphs, both in OpenVINO with the f32 hint (``static``:
+    compiled per input shape, see :func:`_openvino_runner`)."""
+    run_ref, run_q = openvino_f32(fp32, threads, static), openvino_f32(int8, threads, static)
     return int8_fidelity([run_ref(x) for x in images], [run_q(x) for x in images])
+
+
+# ------------------------------------------------------------- feature fidelity
+def openvino_features(
+    model: Any, threads: int | None = None, static: bool = False
+) -> Callable[[np.ndarray], list[np.ndarray]]:
+    """``image -> [feature maps]``: the maps every ``ROIAlign`` pools (P2..P5), computed by
+    ``model``'s own backbone sub-graph (:func:`backbone_model`) compiled with the f32 hint;
+    the FakeQuantize of an INT8 model are ancestors of those maps, so they are included.
+    ``static``: see :func:`_openvino_runner`."""
+    return _openvino_runner(backbone_model(to_openvino(model)), threads, static)
+
+
+def ort_features(proto: Any, threads: int | None = None) -> Callable[[np.ndarray], list[np.ndarray]]:
+    """``image -> [feature maps]`` of an ONNX whole model (FP32 or QDQ) in ONNX Runtime,
+    through its feature sub-graph (:func:`onnx_feature_model`)."""
+    from damo_plugins.core.onnx_utils import ort_session
+
+    sess = ort_session(onnx_feature_model(proto), threads=threads)
+    name = sess.get_inputs()[0].name
+    return lambda image: sess.run(None, {name: image})
+
+
+def feature_fidelity(
+    reference: Callable[[np.ndarray], list[np.ndarray]],
+    candidate: Callable[[np.ndarray], list[np.ndarray]],
+    images: Sequence[np.ndarray],
+) -> dict[str, float]:
+    """Quantization error of the FPN maps, a continuous measure that stays meaningful with
+    random weights (detections of a random-weight model sit at the score threshold, so
+    matching them mostly measures threshold flips).
+
+    Per level ``pN`` (N = log2 of the stride, from the map's size against the image's):
+    ``pN_cos``, the cosine similarity of the INT8 and FP32 maps, and ``pN_snr_db``,
+    10 log10(sum ref^2 / sum (int8 - ref)^2); both are pooled over all images (sums over
+    every element), so a large image weighs more. ``min_cos`` and ``min_snr_db`` are the
+    worst level. An SNR of 20 dB means an error of 10 % of the signal's RMS.
+    """
+    sums: dict[str, np.ndarray] = {}
+    for image in images:
+        ref, out = reference(image), candidate(image)
+        if len(ref) != len(out):
+            raise DamoError(f"the two models give {len(ref)} and {len(out)} feature maps")
+        for a, b in zip(ref, out):
+            a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+            if a64.shape != b64.shape:
+                raise DamoError(f"feature maps of shapes {a64.shape} and {b64.shape} differ")
+            stride = image.shape[-2] / a64.shape[-2]
+            key = f"p{round(np.log2(stride))}"
+            acc = sums.setdefault(key, np.zeros(4))
+            acc += [(a64 * b64).sum(), (a64 * a64).sum(), (b64 * b64).sum(),
+                    ((a64 - b64) ** 2).sum()]
+    out_m: dict[str, float] = {}
+    for key in sorted(sums, key=lambda k: int(k[1:])):
+        ab, aa, bb, err = sums[key]
+        out_m[f"{key}_cos"] = float(ab / np.sqrt(aa * bb)) if aa > 0 and bb > 0 else float(aa == bb)
+        out_m[f"{key}_snr_db"] = float(10 * np.log10(aa / err)) if err > 0 else float("inf")
+    if out_m:
+        out_m["min_cos"] = min(v for k, v in out_m.items() if k.endswith("_cos"))
+        out_m["min_snr_db"] = min(v for k, v in out_m.items() if k.endswith("_snr_db"))
+    return out_m
 
 
 # ------------------------------------------------------------------------ images
@@ -469,6 +947,10 @@ def read_bgr_images(
 MIN_RECALL = 0.9
 MIN_PRECISION = 0.9
 MAX_KP_P95_PX = 2.0
+#: worst FPN level's SNR (:func:`feature_fidelity`): 15 dB is an error of 18 % of the maps'
+#: RMS. A bound that catches a broken execution (0 dB and below), not an accuracy target:
+#: measured 32 dB (R50, random weights, ONNX Runtime) and 32-43 dB (small test model)
+MIN_FEATURE_SNR_DB = 15.0
 
 
 def fidelity_failures(m: dict[str, float]) -> list[str]:
@@ -480,6 +962,15 @@ def fidelity_failures(m: dict[str, float]) -> list[str]:
         bad.append(f"precision {m['precision']:.3f} < {MIN_PRECISION}")
     if m["kp_p95_px"] > MAX_KP_P95_PX:
         bad.append(f"keypoint p95 displacement {m['kp_p95_px']:.2f} px > {MAX_KP_P95_PX}")
+    if m.get("min_snr_db", np.inf) < MIN_FEATURE_SNR_DB:
+        msg = f"FPN maps SNR {m['min_snr_db']:.1f} dB < {MIN_FEATURE_SNR_DB:g} dB"
+        if m.get("static_min_snr_db", -np.inf) >= MIN_FEATURE_SNR_DB:
+            msg += (
+                f" (with a static input shape: {m['static_min_snr_db']:.1f} dB -- OpenVINO "
+                "miscomputes these INT8 convolutions with dynamic shapes: call "
+                "model.reshape({0: [1, 3, H, W]}) before compile_model)"
+            )
+        bad.append(msg)
     return bad
 
 
@@ -500,7 +991,8 @@ def export_int8(
     proto: Any, images: Sequence[np.ndarray], output: str | Path
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """Quantize the exported FP32 graph on ``images`` minus the held-out ones, write the
-    OpenVINO IR (``output`` .xml and its .bin) and measure fidelity on the held-out images.
+    OpenVINO IR (``output`` .xml and its .bin) and measure fidelity on the held-out images
+    (detections, :func:`int8_fidelity`, and FPN maps, :func:`feature_fidelity`).
     Returns ``(quantization info, fidelity)``; the info counts quantized ops the way
     :func:`damo_plugins.lib.fidelity.quantized_ops` does."""
     import os
@@ -518,7 +1010,17 @@ def export_int8(
     model, info = quantize_keypoint_rcnn(proto, calib)
     info.update(quantized_ops(ModelArtifact("openvino", model)))
     info["held_out_images"] = len(held)
+    # as a plain compile_model runs the IR (dynamic shape), detections and FPN maps; the
+    # maps are continuous, and meaningful where detections only flip at the threshold
     fidelity = compare_int8_model(proto, model, held)
+    fidelity.update(feature_fidelity(openvino_features(proto), openvino_features(model), held))
+    # the maps again with the input shape fixed: tells a quantization problem from
+    # OpenVINO's dynamic-shape INT8 miscomputation (see _openvino_runner)
+    fixed = feature_fidelity(
+        openvino_features(proto, static=True), openvino_features(model, static=True), held
+    )
+    fidelity["static_min_cos"] = fixed["min_cos"]
+    fidelity["static_min_snr_db"] = fixed["min_snr_db"]
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         xml = Path(tmp) / target.name

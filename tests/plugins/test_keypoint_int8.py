@@ -121,9 +121,11 @@ def test_only_the_backbone_is_int8(exported) -> None:
             assert "FakeQuantize" not in srcs, op.get_friendly_name()
 
 
+@pytest.mark.slow
 def test_int8_with_a_fixed_input_shape_matches_fp32(proto, exported) -> None:
     """The written IR compiled per held-out image size with the shape fixed: the CLI's
-    detection bounds (recall and precision >= 0.9) and keypoints within 0.05 px."""
+    detection bounds (recall and precision >= 0.9) and keypoints within 0.05 px. Six
+    compilations of the whole graph: ~20 s on the shared machine, hence ``slow``."""
     m = int8.compare_int8_model(proto, exported[1], HELD_OUT, threads=1, static=True)
     assert m["fp32_detections"] >= 5 and m["recall"] >= 0.9 and m["precision"] >= 0.9, m
     assert m["mean_iou"] >= 0.995 and m["max_dscore"] <= 0.01 and m["kp_max_px"] <= 0.05, m
@@ -162,7 +164,7 @@ def test_feature_fidelity_is_cosine_and_snr_per_fpn_level() -> None:
 def test_int8_fpn_maps_stay_close_to_fp32(exported) -> None:
     """The FPN maps of the INT8 IR on the held-out images, measured by ``export_int8``.
 
-    With the input shape fixed (``static_*``): measured cosine >= 0.9999 and SNR >= 31 dB on
+    With the input shape fixed (``static_*``): measured cosine >= 0.9997 and SNR >= 31.9 dB on
     every level of this model; bounds cosine >= 0.999 and SNR >= 25 dB (an error of 6 % of
     the maps' RMS). As a plain ``compile_model`` runs it (dynamic shape), OpenVINO 2026.4.1
     returned zeros for levels p3-p5 on this AVX2 machine (``_openvino_runner``): then the
@@ -244,7 +246,7 @@ def test_onnx_int8_matches_fp32_in_onnx_runtime(proto, onnx_int8) -> None:
     """Held-out images in ONNX Runtime, the same bounds as the OpenVINO form: detections
     (>= 70 % matched, IoU >= 0.995, |dscore| <= 0.01, keypoints <= 0.05 px) and FPN maps
     (cosine >= 0.999, SNR >= 25 dB). Measured: 12 of 12 matched, keypoints <= 3.4e-3 px,
-    FPN maps cosine >= 0.9998, SNR >= 30 dB."""
+    FPN maps cosine >= 0.9997, SNR >= 32 dB."""
     from damo_plugins.core.onnx_utils import ort_session
 
     q, _ = onnx_int8
@@ -370,6 +372,14 @@ def test_a_graph_without_detection_stages_is_refused() -> None:
         int8.quantize_keypoint_rcnn(model, [])
     with pytest.raises(DamoError, match="at least 2 images"):
         int8.split_holdout(CALIB[:1])
+    # the ONNX form: same refusals, and a typo in the overflow fix is one line too
+    conv_onnx = _qdq_conv_model(with_bn=False)
+    with pytest.raises(DamoError, match="no RoiAlign"):
+        int8.quantize_onnx_keypoint_rcnn(conv_onnx, CALIB[:1])
+    with pytest.raises(DamoError, match="calibration set is empty"):
+        int8.quantize_onnx_keypoint_rcnn(conv_onnx, [])
+    with pytest.raises(DamoError, match="unknown overflow_fix 'all'"):
+        int8.quantize_keypoint_rcnn(model, CALIB[:1], overflow_fix="all")  # type: ignore[arg-type]
 
 
 def test_images_are_read_as_detectron2_does(tmp_path) -> None:
