@@ -67,7 +67,7 @@ class DemoSettings:
 #: this model costs ~18 CPU-s (measured: 16 iterations, 291 CPU-s), and the whole demo must fit
 #: in ~3 minutes; a real recovery is ``damo-opt run`` with the prune pass's defaults
 FULL = DemoSettings("synthetic", 64, 0.2, 1, 4, 12, 0.25)
-QUICK = DemoSettings("synthetic:32,24", 16, 0.2, 1, 2, 3, 0.05)
+QUICK = DemoSettings("synthetic:32,24", 16, 0.2, 1, 1, 3, 0.05)
 
 
 def embedded_checkpoint(name: str = EMBEDDED) -> Path | None:

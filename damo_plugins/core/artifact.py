@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import pickle
 import sys
 from collections.abc import Mapping, Sequence
@@ -362,6 +363,14 @@ def load_model(
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(spec, torch.nn.Module):
         return _torch_artifact(spec, None, input_shape, {})
+    if not isinstance(spec, (str, os.PathLike)):
+        inner = getattr(spec, "artifact", None)  # a pass's StepResult carries its artifact
+        raise DamoError(
+            f"cannot load a model from an object of type {type(spec).__name__}",
+            "pass its .artifact"
+            if isinstance(inner, ModelArtifact)
+            else "pass a file path, a registered model name, a torch module or an artifact",
+        )
     text = str(spec)
     path = Path(text)
     if not _looks_like_file(path):

@@ -112,3 +112,16 @@ def test_openvino_xml_bin_mismatch(tmp_path: Path) -> None:
 def test_unknown_model_name_suggests() -> None:
     with pytest.raises(DamoError, match=r"unknown model 'tiny-cn' .*tiny-cnn"):
         load_model("tiny-cn")
+
+
+def test_a_step_result_instead_of_a_model_is_one_clear_line() -> None:
+    """``api.run_pass`` returns a StepResult; handing it on as a model names the fix (it used
+    to become a file name of the whole module's repr: 'File name too long')."""
+    from damo_plugins import api
+
+    step = api.run_pass("reparam", "tiny-cnn")
+    with pytest.raises(DamoError, match="cannot load a model from an object of type StepResult") as err:
+        api.run_pass("export", step)
+    assert err.value.hint == "pass its .artifact"
+    with pytest.raises(DamoError, match="of type int"):
+        load_model(3)
