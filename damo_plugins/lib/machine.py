@@ -108,6 +108,17 @@ def openvino_default_precision() -> str | None:
     return _PRECISION_NAMES.get(name, name)
 
 
+def has_vnni(flags: set[str] | None = None) -> bool:
+    """Whether this CPU multiplies 8-bit values with VNNI (or AMX) instructions.
+
+    Without them (plain AVX2), an INT8 kernel sums pairs of u8 x s8 products in 16 bits
+    (``vpmaddubsw``), which saturates for 8-bit weights: quantizers then need 7-bit weights
+    (NNCF ``overflow_fix``, ONNX Runtime ``reduce_range``) to keep the model's accuracy.
+    """
+    flags = set(_cpu_fields().get("Flags", "").split()) if flags is None else flags
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags)
+
+
 def describe(*, openvino_precision: bool = False) -> dict[str, Any]:
     """The machine as a dict (JSON-ready); :func:`summary` turns it into one paragraph.
 
@@ -130,7 +141,7 @@ def describe(*, openvino_precision: bool = False) -> dict[str, Any]:
         "isa": [f for f in ISA_FLAGS if f in flags],
         "isa_missing": [f for f in ISA_FLAGS if f not in flags] if flags else [],
         "bf16": has_bf16(flags),
-        "vnni": "avx512_vnni" in flags or "avx_vnni" in flags or "amx_int8" in flags,
+        "vnni": has_vnni(flags),
         "python": platform.python_version(),
         "versions": versions(),
     }

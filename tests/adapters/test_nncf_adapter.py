@@ -184,3 +184,29 @@ def test_torch_backend_quantizes_the_module_and_keeps_decode_float(
     assert [n for n in quantized if not n.startswith("ShapeOf")] == []
     m = _agreement(fp32, q, held)
     assert m["cosine_min"] > 0.99 and m["top_detection_agreement"] >= 0.7
+
+
+def _int8_weight_range(model) -> int:
+    """The largest |value| of the IR's INT8 weight constants (7-bit weights stay within 64)."""
+    top = 0
+    for op in model.get_ordered_ops():
+        if op.get_type_name() == "Constant" and op.get_element_type().get_type_name() == "i8":
+            top = max(top, int(np.abs(op.get_data().astype(np.int16)).max()))
+    return top
+
+
+def test_overflow_fix_follows_the_cpu(nncf_adapter, fp32_ov, calib, int8_ov) -> None:
+    """``overflow_fix: auto`` (the default) gives 7-bit weights on a CPU without VNNI, where
+    8-bit ones saturate its INT8 kernels' 16-bit sums, and NNCF's first-layer-only fix on a
+    VNNI CPU; an explicit choice is kept and reported."""
+    from damo_plugins.lib.machine import has_vnni
+
+    auto = int8_ov.meta["quantization"]["overflow_fix"]
+    assert auto == ("first_layer_only" if has_vnni() else "enable")
+    assert _int8_weight_range(int8_ov.model) <= (127 if has_vnni() else 64)
+    first = nncf_adapter.quantize(
+        fp32_ov, calib, target="openvino", subset_size=8, overflow_fix="first_layer_only"
+    )
+    assert first.meta["quantization"]["overflow_fix"] == "first_layer_only"
+    assert _int8_weight_range(first.model) > 64  # later layers keep 8-bit weights
+    assert has_vnni({"avx2", "avx_vnni"}) and not has_vnni({"avx2", "fma"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import pytest
 
@@ -125,3 +126,27 @@ def test_benchmark(ort_adapter, int8) -> None:
     )
     thr = ort_adapter.benchmark(int8, hint="throughput", iterations=8, warmup=1, requests=2)
     assert thr["requests"] == 2 and thr["iterations"] >= 8 and thr["fps"] > 0
+
+
+def _int8_weight_range(model: onnx.ModelProto) -> int:
+    """The largest |value| of the QDQ graph's INT8 weight initializers."""
+    from onnx import numpy_helper
+
+    top = 0
+    for init in model.graph.initializer:
+        if init.data_type == onnx.TensorProto.INT8 and len(init.dims) == 4:
+            top = max(top, int(np.abs(numpy_helper.to_array(init).astype(np.int16)).max()))
+    return top
+
+
+def test_reduce_range_follows_the_cpu(ort_adapter, fp32, calib, int8) -> None:
+    """By default the weights are 7-bit exactly when this CPU has no VNNI (8-bit weights
+    saturate its 16-bit sums); an explicit choice is kept and reported."""
+    from damo_plugins.lib.machine import has_vnni
+
+    seven = not has_vnni()
+    assert int8.meta["quantization"]["reduce_range"] is seven
+    assert _int8_weight_range(int8.model) <= (64 if seven else 127)
+    full = ort_adapter.quantize(fp32, calib, reduce_range=False)
+    assert full.meta["quantization"]["reduce_range"] is False
+    assert _int8_weight_range(full.model) > 64

@@ -36,7 +36,11 @@ DEVICE_PROVIDERS = {
     "GPU": ["CUDAExecutionProvider", "CPUExecutionProvider"],
 }
 #: ONNX Runtime's input type names of float inputs -> numpy dtype names (others: int64)
-_ORT_FLOATS = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64"}
+_ORT_FLOATS = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(double)": "float64",
+}
 CALIBRATE = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 
 
@@ -51,8 +55,11 @@ class ORTQuantizeOptions(AdapterOptions):
         "uint8", description="uint8 measured ~1.9x faster than int8 on a CPU without VNNI"
     )
     weight_type: Literal["uint8", "int8"] = "int8"
-    reduce_range: bool = Field(
-        False, description="7-bit weights (avoids saturation on CPUs without VNNI)"
+    reduce_range: bool | None = Field(
+        None,
+        description="7-bit weights, which avoid the saturation of 8-bit ones in the 16-bit "
+        "sums of a CPU without VNNI (measured on the demo model: held-out mAP -0.73 points "
+        "with 8-bit, -0.12 with 7-bit); default: on exactly when this CPU has no VNNI",
     )
 
 
@@ -163,7 +170,7 @@ class ONNXRuntimeAdapter(Adapter):
         calibrate_method: str = "minmax",
         activation_type: str = "uint8",
         weight_type: str = "int8",
-        reduce_range: bool = False,
+        reduce_range: bool | None = None,
     ) -> ModelArtifact:
         """See :meth:`Adapter.quantize`; the ORT options are :class:`ORTQuantizeOptions`.
 
@@ -201,6 +208,10 @@ class ONNXRuntimeAdapter(Adapter):
         qtypes = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
         if activation_type not in qtypes or weight_type not in qtypes:
             raise DamoError("activation_type and weight_type must be uint8 or int8")
+        if reduce_range is None:
+            from damo_plugins.lib.machine import has_vnni
+
+            reduce_range = not has_vnni()
         import onnx
 
         source = onnx.ModelProto()
@@ -280,6 +291,7 @@ class ONNXRuntimeAdapter(Adapter):
             "activation_type": activation_type,
             "weight_type": weight_type,
             "per_channel": per_channel,
+            "reduce_range": reduce_range,
             "calibrate_method": calibrate_method,
             "calibration_samples": len(items),
             "kept_fp": head,
