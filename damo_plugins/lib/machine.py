@@ -11,6 +11,7 @@ libraries (versions come from package metadata) unless OpenVINO's default precis
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 import subprocess
@@ -42,6 +43,7 @@ PACKAGES: dict[str, str] = {
 _PRECISION_NAMES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 
 
+@functools.lru_cache(maxsize=1)  # the CPU does not change while a process runs
 def _cpu_fields() -> dict[str, str]:
     """``lscpu``'s fields, else the first processor of ``/proc/cpuinfo`` under lscpu's names."""
     with contextlib.suppress(OSError, subprocess.SubprocessError):

@@ -62,7 +62,7 @@ from damo_plugins.optimize.space import Space
 #: latencies closer than this are a tie (then the smaller model wins)
 TIE = 0.03
 #: bump when what a cache entry holds changes meaning
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: INT8 entries with 7-bit weights on CPUs without VNNI
 #: the format each step writes (the quantize step: its target's)
 STEP_FORMAT = {"reparam": "torch", "prune": "torch", "export": "onnx", "convert": "openvino"}
 
@@ -457,8 +457,21 @@ class Optimizer:
         self.folder.record("data")
         model_path = Path(self.input.path) if self.input.path else None
         fp = _file_hash(model_path) if model_path else _hash(self.model_spec)
+        # the toolkit's and backends' versions and the CPU's INT8 kind are inputs too: an
+        # upgrade, or a quantizer default that follows the CPU (7-bit weights without VNNI),
+        # must not reuse entries made under other conditions
+        from damo_plugins import __version__
+        from damo_plugins.lib.machine import has_vnni, versions
+
         self.root_key = _hash(
-            fp, self.input.input_shape, self.parts.fingerprint(), self.seed, self.labelled
+            fp,
+            self.input.input_shape,
+            self.parts.fingerprint(),
+            self.seed,
+            self.labelled,
+            __version__,
+            versions(),
+            has_vnni(),
         )
         self.seconds["data"] = time.perf_counter() - t0
         self.log(
