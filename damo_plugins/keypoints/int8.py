@@ -28,7 +28,7 @@ library, not one of our adapters (which the domain may not import).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -304,14 +304,7 @@ def quantize_keypoint_rcnn(
         log.setLevel(level)
     rewired = transplant_quantizers(result, full)
     fq = fake_quantize_targets(full)
-    stray = sorted(set(fq) - set(quantized))
-    if stray:
-        raise DamoError(f"NNCF quantized ops outside the backbone: {', '.join(stray[:5])}")
-    if not fq:
-        raise DamoError(
-            "NNCF placed no quantizer in the Keypoint R-CNN: the result would be FP32",
-            "check the calibration images",
-        )
+    _check_placement(fq, quantized, "ops")
     info = {
         "scope": "backbone",
         "preset": preset,
@@ -641,14 +634,7 @@ def quantize_onnx_keypoint_rcnn(
         log.setLevel(level)
     full = splice_quantized_features(proto, result)
     convs = qdq_convs(full)
-    stray = sorted(set(convs) - set(quantized))
-    if stray:
-        raise DamoError(f"NNCF quantized convolutions outside the backbone: {', '.join(stray[:5])}")
-    if not convs:
-        raise DamoError(
-            "NNCF placed no quantizer in the Keypoint R-CNN: the result would be FP32",
-            "check the calibration images",
-        )
+    _check_placement(convs, quantized, "convolutions")
     info = {
         "scope": "backbone",
         "preset": preset,
@@ -1028,3 +1014,17 @@ def export_int8(
         os.replace(xml.with_suffix(".bin"), target.with_suffix(".bin"))
         os.replace(xml, target)
     return info, fidelity
+
+
+def _check_placement(placed: Collection[str], allowed: Collection[str], what: str) -> None:
+    """Both quantizer forms must quantize inside the backbone only, and something there: a
+    quantizer elsewhere breaks the float heads' contract, none at all would be FP32 called
+    INT8."""
+    stray = sorted(set(placed) - set(allowed))
+    if stray:
+        raise DamoError(f"NNCF quantized {what} outside the backbone: {', '.join(stray[:5])}")
+    if not placed:
+        raise DamoError(
+            "NNCF placed no quantizer in the Keypoint R-CNN: the result would be FP32",
+            "check the calibration images",
+        )
