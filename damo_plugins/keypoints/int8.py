@@ -274,34 +274,16 @@ def quantize_keypoint_rcnn(
         import nncf
     except ImportError as exc:
         raise DamoError("NNCF is not installed", "pip install nncf") from exc
-    import logging
 
     advanced = _advanced(nncf, overflow_fix)  # a bad option fails before any work
     items = _check_calibration(calibration)
     full = to_openvino(model)
     quantized, kept = quantization_scope(full)
     sub = backbone_model(full.clone())  # clone: same friendly names, nodes not shared
-    log = logging.getLogger("nncf")
-    level = log.level
-    log.setLevel(logging.WARNING)  # NNCF logs every skipped quantizer at INFO
-    try:
-        result = nncf.quantize(
-            sub,
-            nncf.Dataset(items, lambda x: [np.asarray(x, dtype=np.float32)]),
-            preset=nncf.QuantizationPreset(preset),
-            subset_size=min(int(subset_size), len(items)),
-            ignored_scope=nncf.IgnoredScope(names=kept, validate=False),
-            advanced_parameters=advanced,
-        )
-    except DamoError:
-        raise
-    except Exception as exc:
-        raise DamoError(
-            f"NNCF could not quantize the Keypoint R-CNN backbone: {type(exc).__name__}: "
-            f"{first_line(exc)[:300]}"
-        ) from exc
-    finally:
-        log.setLevel(level)
+    result = _quantize_backbone(
+        nncf, sub, nncf.Dataset(items, lambda x: [np.asarray(x, dtype=np.float32)]),
+        preset, min(int(subset_size), len(items)), kept, advanced, "NNCF",
+    )  # fmt: skip
     rewired = transplant_quantizers(result, full)
     fq = fake_quantize_targets(full)
     _check_placement(fq, quantized, "ops")
@@ -604,34 +586,16 @@ def quantize_onnx_keypoint_rcnn(
         import nncf
     except ImportError as exc:
         raise DamoError("NNCF is not installed", "pip install nncf") from exc
-    import logging
 
     advanced = _advanced(nncf, overflow_fix)  # a bad option fails before any work
     items = _check_calibration(calibration)
     sub, folded = fold_frozen_batchnorm(onnx_feature_model(proto), _read_outside_features(proto))
     quantized, kept = _onnx_conv_scope(sub)
     name = sub.graph.input[0].name
-    log = logging.getLogger("nncf")
-    level = log.level
-    log.setLevel(logging.WARNING)
-    try:
-        result = nncf.quantize(
-            sub,
-            nncf.Dataset(items, lambda x: {name: np.asarray(x, dtype=np.float32)}),
-            preset=nncf.QuantizationPreset(preset),
-            subset_size=min(int(subset_size), len(items)),
-            ignored_scope=nncf.IgnoredScope(names=kept, validate=False),
-            advanced_parameters=advanced,
-        )
-    except DamoError:
-        raise
-    except Exception as exc:
-        raise DamoError(
-            f"NNCF (ONNX) could not quantize the Keypoint R-CNN backbone: "
-            f"{type(exc).__name__}: {first_line(exc)[:300]}"
-        ) from exc
-    finally:
-        log.setLevel(level)
+    result = _quantize_backbone(
+        nncf, sub, nncf.Dataset(items, lambda x: {name: np.asarray(x, dtype=np.float32)}),
+        preset, min(int(subset_size), len(items)), kept, advanced, "NNCF (ONNX)",
+    )  # fmt: skip
     full = splice_quantized_features(proto, result)
     convs = qdq_convs(full)
     _check_placement(convs, quantized, "convolutions")
@@ -1028,3 +992,40 @@ def _check_placement(placed: Collection[str], allowed: Collection[str], what: st
             "NNCF placed no quantizer in the Keypoint R-CNN: the result would be FP32",
             "check the calibration images",
         )
+
+
+def _quantize_backbone(
+    nncf: Any,
+    sub: Any,
+    dataset: Any,
+    preset: str,
+    subset_size: int,
+    kept: list[str],
+    advanced: Any,
+    who: str,
+) -> Any:
+    """``nncf.quantize`` of the backbone sub-graph, the same for both model forms: NNCF's
+    INFO lines (one per skipped quantizer) held back, any failure one clear line."""
+    import logging
+
+    log = logging.getLogger("nncf")
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        return nncf.quantize(
+            sub,
+            dataset,
+            preset=nncf.QuantizationPreset(preset),
+            subset_size=subset_size,
+            ignored_scope=nncf.IgnoredScope(names=kept, validate=False),
+            advanced_parameters=advanced,
+        )
+    except DamoError:
+        raise
+    except Exception as exc:
+        raise DamoError(
+            f"{who} could not quantize the Keypoint R-CNN backbone: {type(exc).__name__}: "
+            f"{first_line(exc)[:300]}"
+        ) from exc
+    finally:
+        log.setLevel(level)
