@@ -153,6 +153,11 @@ def section_train(args: argparse.Namespace) -> None:
         )
         start = evaluate(art.model.eval(), val_set)
         print(f"widened {args.widen_from}: val mAP {start['mAP']:.4f} before training", flush=True)
+    elif args.init and not args.resume and not args.adopt:
+        # a warm restart: the same architecture's weights, a new warm-up and cosine cycle
+        art.model.load_state_dict(load_model(args.init).model.state_dict())
+        start = evaluate(art.model.eval(), val_set)
+        print(f"from {args.init}: val mAP {start['mAP']:.4f} before training", flush=True)
     cfg = TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch,
@@ -226,11 +231,17 @@ def section_train(args: argparse.Namespace) -> None:
                 "lr": args.lr,
                 "init": f"widened from {Path(args.widen_from).name}"
                 if args.widen_from
+                else f"continued from {Path(args.init).name}"
+                if args.init
                 else "scratch",
                 "val_mAP_per_epoch": [round(h.get("mAP", float("nan")), 4) for h in res.history],
             },
             "command": result["command"],
         }
+        earlier = Path(args.init).with_suffix(".json") if args.init else None
+        if earlier is not None and earlier.is_file():  # keep the lineage: what trained the init
+            before = json.loads(earlier.read_text())
+            info["train"]["before"] = {k: before.get(k) for k in ("val_mAP", "train", "command")}
         _save(asset.with_suffix(".json"), info)
         print(f"saved {asset.with_suffix('.pt')}", flush=True)
 
@@ -709,6 +720,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--resume", action="store_true", help="train: continue WORK/train/last.pt")
     ap.add_argument(
         "--widen-from", help="train: start from this narrower checkpoint, channels duplicated"
+    )
+    ap.add_argument(
+        "--init", help="train: continue this checkpoint (same width; new warm-up and cycle)"
     )
     ap.add_argument(
         "--asset", default=ASSET.name, help="train --save-asset: file stem in damo_plugins/assets"
