@@ -200,6 +200,7 @@ def recover(
         ema=settings.ema,
         seed=settings.seed,
         eval_every=10**6,
+        log_every=50,  # a long recovery says how it goes, not only once per epoch
     )
     train = train_set
     if settings.max_iters:
