@@ -234,7 +234,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from damo_plugins.demo import run_demo
 
     _track(args)
-    res = run_demo(output=args.output, force=args.force, quick=args.quick, log=log)
+    res = run_demo(output=args.output, force=args.force, quick=args.quick, full=args.full, log=log)
     return _print_run(args, res)
 
 
@@ -329,7 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the end-to-end demo on the embedded model")
     p.add_argument("-o", "--output", default="runs/demo")
     p.add_argument("--force", action="store_true", help="overwrite an existing output folder")
-    p.add_argument("--quick", action="store_true", help="smaller settings (used by the tests)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="smaller settings (used by the tests)")
+    size.add_argument(
+        "--full",
+        action="store_true",
+        help="re-create the shipped pruned model: prune + distilled recovery (~1 h of CPU)",
+    )
     p.add_argument("--mlflow", nargs="?", const="on", metavar="URI", help=_MLFLOW_HELP)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_demo)

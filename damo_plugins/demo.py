@@ -7,14 +7,17 @@ measuring code (nothing demo-specific decides a number):
   before, each with its own ``report.md``):
 
   - ``int8/``:   reparam -> export -> convert (OpenVINO) -> quantize (NNCF INT8, decode in FP)
-  - ``pruned/``: prune (20 % of channels, global Taylor ranking; recovered by fine-tuning on
-    the demo's data with the unpruned model as teacher) -> reparam -> export -> convert ->
-    quantize
+  - ``pruned/``: reparam -> export -> convert -> quantize, starting from the shipped pruned
+    model (about a third of the FLOPs removed, recovered with the unpruned model as teacher).
+    ``damo-opt demo --full`` re-creates that model with the tool (its ``pruned/`` recipe then
+    starts with the prune step, about an hour of CPU); its JSON names the command.
 
 * the five models (original, fused, INT8, pruned, pruned + INT8) then go through
   :func:`damo_plugins.optimize.compare.compare`, the code behind ``damo-opt compare``: params,
   FLOPs, size on disk, mAP on the whole val split and batch-1 latency, all in OpenVINO at f32,
   measured in interleaved rounds so the per-round spread shows whether two rows really differ.
+  The images are generated with another seed than the embedded model's training set, so no
+  training, checkpoint or pruning decision saw them.
 
 The embedded model is a DAMO-YOLO-T at half width (0.82 GFLOPs at 256 px), trained on the
 project's generated shape data set (``docs/benchmarks/training.md``). It is that wide on
@@ -50,24 +53,52 @@ FALLBACK: dict[str, Any] = {
 ROWS = ("original", "fused", "INT8", "pruned", "pruned + INT8")
 
 
+#: the embedded model pruned and recovered by ``damo-opt demo --full`` (its JSON says how)
+PRUNED = "damo-yolo-t50-synth-pruned.pt"
+#: the demo measures on images of another seed than the embedded model's training set: no
+#: training, checkpoint choice, sensitivity analysis or recovery decision saw them
+DEMO_SEED = 1
+#: ``demo --full``'s prune step — what made :data:`PRUNED`: about a third of the FLOPs
+#: removed by global Taylor ranking, recovered by four epochs of fine-tuning with the unpruned
+#: model as teacher. Channel counts stay multiples of 8 because OpenVINO computes f32 in blocks
+#: of 8 channels on AVX2: pruned to free counts (26 % of the FLOPs) the embedded model ran at
+#: 0.96x the unpruned one, to multiples of 8 (33 %) at 1.33x (``docs/benchmarks/training.md``)
+RECOVERY: dict[str, Any] = {
+    "flops": 0.32,
+    "flops_tolerance": 0.03,
+    "round_to": 8,
+    "importance": "taylor",
+    "scope": "global",
+    "finetune_epochs": 4,
+    "recovery": "distill",
+    "eval_limit": 100,
+}
+#: the data it recovers on: the embedded model's own training set (seed 0)
+RECOVERY_DATA = "synthetic:3000,300"
+
+
 @dataclass(frozen=True)
 class DemoSettings:
-    """How much work the demo does: ``full`` is the user's demo, ``quick`` the tests' smoke run."""
+    """How much work the demo does: ``DEFAULT`` is the user's demo, ``QUICK`` the tests' smoke run."""
 
-    data: str  # a ``synthetic[:TRAIN,VAL]`` spec (generated once, cached)
+    data: str  # a ``synthetic[:TRAIN,VAL]`` spec (generated once, cached; seed DEMO_SEED)
     calibration: int  # images NNCF calibrates on
-    prune_flops: float  # fraction of FLOPs the prune pass removes (the seed's pruned row: 20 %)
-    finetune_epochs: int  # recovery epochs after pruning (on the data's train split)
-    recovery_iters: int | None  # at most this many recovery iterations per epoch
+    smoke_iters: int  # recovery iterations when no recovered checkpoint fits the original
     rounds: int  # interleaved latency rounds
     slot_seconds: float  # timed calls fill about this long per model and round
 
 
-#: recovery is capped at 4 iterations (64 images): with the teacher, one recovery iteration of
-#: this model costs ~18 CPU-s (measured: 16 iterations, 291 CPU-s), and the whole demo must fit
-#: in ~3 minutes; a real recovery is ``damo-opt run`` with the prune pass's defaults
-FULL = DemoSettings("synthetic", 64, 0.2, 1, 4, 12, 0.25)
-QUICK = DemoSettings("synthetic:32,24", 16, 0.2, 1, 1, 3, 0.05)
+#: without a recovered checkpoint for the original (another ``checkpoint``, a source checkout
+#: before it was made) the pruned rows come from a smoke recovery: with the teacher, one
+#: recovery iteration of this model costs ~18 CPU-s, and the demo must fit in ~3 minutes
+DEFAULT = DemoSettings("synthetic", 64, 4, 12, 0.25)
+QUICK = DemoSettings("synthetic:32,24", 16, 1, 3, 0.05)
+
+
+def smoke_prune(iters: int) -> dict[str, Any]:
+    """The prune step when no recovered checkpoint fits: :data:`RECOVERY` with ``iters``
+    recovery iterations — a smoke run of the recovery code, not a recovery."""
+    return {**RECOVERY, "finetune_epochs": 1, "recovery_iters": iters, "eval_limit": 50}
 
 
 def embedded_checkpoint(name: str = EMBEDDED) -> Path | None:
@@ -93,29 +124,43 @@ def _tail(calibration: int) -> list[Any]:
 
 
 def demo_recipes(
-    model: str, data_dir: str | None = None, quick: bool = False
+    model: str,
+    data_dir: str | None = None,
+    quick: bool = False,
+    *,
+    pruned: str | None = None,
+    prune: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The demo's two recipes (``int8`` and ``pruned``) on ``model``, as a user would write them.
 
-    ``data_dir`` is the folder the prune pass recovers on (train/ + val/); the demo passes the
-    generated data set's folder.
+    The ``pruned`` recipe starts from ``pruned`` (a recovered checkpoint of ``model``) when
+    given, else prunes ``model`` itself with ``prune`` (default: :func:`smoke_prune`) on
+    ``data_dir`` (train/ + val/).
     """
-    s = QUICK if quick else FULL
-    prune: dict[str, Any] = {
-        "flops": s.prune_flops,
-        "importance": "taylor",
-        "scope": "global",
-        "finetune_epochs": s.finetune_epochs,
-        "recovery": "distill",
-        "data": data_dir,
-        "eval_limit": 50,
-    }
-    if s.recovery_iters is not None:
-        prune["recovery_iters"] = s.recovery_iters
-    return {
-        "int8": {"model": model, "steps": ["reparam", *_tail(s.calibration)]},
-        "pruned": {"model": model, "steps": [{"prune": prune}, "reparam", *_tail(s.calibration)]},
-    }
+    s = QUICK if quick else DEFAULT
+    tail = _tail(s.calibration)
+    if pruned is not None:
+        chain: dict[str, Any] = {"model": pruned, "steps": ["reparam", *tail]}
+    else:
+        options = {**(prune or smoke_prune(s.smoke_iters)), "data": data_dir}
+        chain = {"model": model, "steps": [{"prune": options}, "reparam", *tail]}
+    return {"int8": {"model": model, "steps": ["reparam", *tail]}, "pruned": chain}
+
+
+def sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def shipped_pruned(original: Path | None) -> tuple[Path, dict[str, Any]] | None:
+    """The shipped recovered checkpoint and its JSON, if it was made from ``original``
+    (same SHA-256) — a pruned model of another original would be a wrong row."""
+    path = embedded_checkpoint(PRUNED)
+    if path is None or original is None or not path.with_suffix(".json").is_file():
+        return None
+    info = json.loads(path.with_suffix(".json").read_text())
+    return (path, info) if info.get("parent_sha256") == sha256(original) else None
 
 
 @dataclass
@@ -125,6 +170,15 @@ class DemoResult:
     artifact: ModelArtifact
     report: dict[str, Any]
     output: Path
+
+
+def _folder(spec: str, seed: int) -> str:
+    """The folder of a generated data set (train/ + val/), made once into the user's cache."""
+    from damo_plugins.data.sources import resolve
+
+    source = resolve(spec, seed=seed)
+    assert source.val is not None  # a generated set always has both splits
+    return str(source.val.annotations.parent)
 
 
 def _step(res: RunResult, step: str) -> dict[str, Any]:
@@ -215,11 +269,35 @@ def markdown(rep: dict[str, Any], chart: bool) -> str:
         "",
         *[f"- `{name}/`: {' -> '.join(steps)}" for name, steps in rep["chains"].items()],
         "",
-        f"Prune: {rep['prune']}",
+        _prune_line(rep["prune"]),
     ]
     if chart:
         lines += ["", "![latency vs mAP](report.png)"]
     return "\n".join(lines) + "\n"
+
+
+def _prune_line(p: dict[str, Any]) -> str:
+    """What the pruned rows are, in one sentence (from the prune step's own metrics)."""
+
+    def pct(key: str) -> str:
+        return "—" if p.get(key) is None else f"{100 * p[key]:.1f} %"
+
+    where = (
+        f"the shipped `{p['checkpoint']}`, made by `{p['made_by']}`"
+        if "checkpoint" in p
+        else "pruned in this run"
+    )
+    line = (
+        f"Pruned rows: {where}. FLOPs removed {pct('flops_removed')}, params removed "
+        f"{pct('params_removed')}, recovery: {p.get('recovery', '—')}"
+    )
+    if p.get("mAP_recovered") is not None:
+        line += (
+            f"; mAP on the recovery's control images {p.get('mAP_before')} before, "
+            f"{p.get('mAP_pruned')} right after pruning, {p['mAP_recovered']} recovered "
+            f"({p.get('recovery_cpu_seconds', 0) / 60:.1f} CPU-min)"
+        )
+    return line + "."
 
 
 def _pareto(rows: list[dict[str, Any]]) -> None:
@@ -236,22 +314,25 @@ def run_demo(
     *,
     force: bool = False,
     quick: bool = False,
+    full: bool = False,
     log: Callable[[str], None] = print,
     checkpoint: str | Path | None = None,
 ) -> DemoResult:
     """Run both recipes into ``output/int8`` and ``output/pruned``, then compare the five models
     and write ``output/report.md`` / ``report.json`` / ``report.png``.
 
+    The pruned rows start from the shipped recovered checkpoint (:data:`PRUNED`) when it was
+    made from this original; ``full`` re-creates it instead — the prune step :data:`RECOVERY`
+    on :data:`RECOVERY_DATA`, about an hour of CPU; without either, a smoke recovery.
     ``checkpoint`` replaces the embedded model (a model of the same task: 6 shape classes),
     e.g. to see the demo's table for a retrained candidate before it is shipped."""
     from damo_plugins.core.io import write_text
     from damo_plugins.core.output import OutputFolder
     from damo_plugins.core.recipe import load_recipe
-    from damo_plugins.data.sources import resolve
     from damo_plugins.optimize.api import plot
     from damo_plugins.optimize.compare import compare
 
-    s = QUICK if quick else FULL
+    s = QUICK if quick else DEFAULT
     out = Path(output)
     ckpt = Path(checkpoint) if checkpoint is not None else embedded_checkpoint()
     if ckpt is None:
@@ -260,10 +341,22 @@ def run_demo(
             "DAMO-YOLO-T at width 0.5 (mAP will be ~0)"
         )
     # generating the data set the first time takes a while: say so before, not after
-    log(f"demo: data '{s.data}' (generated once into your cache, then reused) ...")
-    source = resolve(s.data)  # generated once into the user's cache, then reused
-    assert source.val is not None  # a generated set always has both splits
-    data_dir = str(source.val.annotations.parent)
+    log(f"demo: data '{s.data}', seed {DEMO_SEED} (generated once into your cache) ...")
+    data_dir = _folder(s.data, DEMO_SEED)
+    shipped = None if full else shipped_pruned(ckpt)
+    prune: dict[str, Any] | None = None
+    prune_dir = data_dir
+    if full:
+        log(
+            f"demo --full: pruning with the recovery that made {PRUNED} on '{RECOVERY_DATA}' "
+            "(the embedded model's training set) — about an hour of CPU"
+        )
+        prune, prune_dir = RECOVERY, _folder(RECOVERY_DATA, 0)
+    elif shipped is None:
+        log(
+            f"demo: no recovered pruned checkpoint made from {ckpt.name if ckpt else 'it'}; "
+            f"the pruned rows get a {s.smoke_iters}-iteration smoke recovery (--full recovers)"
+        )
     mgr = get_manager()
     results: dict[str, RunResult] = {}
     with OutputFolder(out) as folder:
@@ -279,7 +372,13 @@ def run_demo(
             model = str(fallback.save(out, stem="original"))
         else:
             model = str(ckpt)
-        recipes = demo_recipes(model, data_dir, quick)
+        recipes = demo_recipes(
+            model,
+            prune_dir,
+            quick,
+            pruned=None if shipped is None else str(shipped[0]),
+            prune=prune,
+        )
         for name, recipe in recipes.items():
             steps = ", ".join(
                 st if isinstance(st, str) else next(iter(st)) for st in recipe["steps"]
@@ -297,7 +396,7 @@ def run_demo(
         ]
         models = [model, *(str(e["artifact"]) for e in entries[1:])]
         log(f"demo: comparing {len(models)} models (mAP, then {s.rounds} latency rounds) ...")
-        rows = compare(models, s.data, rounds=s.rounds, slot_seconds=s.slot_seconds, log=log)
+        rows = compare(models, data_dir, rounds=s.rounds, slot_seconds=s.slot_seconds, log=log)
         for name, row, entry in zip(ROWS, rows, entries):
             row["name"] = name
             # an IR's FLOPs cannot be counted from the file; quantization keeps the operations,
@@ -305,13 +404,18 @@ def run_demo(
             if row["flops"] is None:
                 row["flops"] = entry["flops"]
         _pareto(rows)
-        prune_metrics = next(
-            st["metrics"] for st in results["pruned"].report["steps"] if st["step"] == "prune"
-        )
+        if shipped is not None:
+            prune_metrics = {
+                "checkpoint": shipped[0].name,
+                "made_by": shipped[1]["command"],
+                **shipped[1]["prune"],
+            }
+        else:
+            prune_metrics = _step(results["pruned"], "prune")["metrics"]
         rep: dict[str, Any] = {
             "status": "ok",
             "model": model,
-            "data": s.data,
+            "data": f"{s.data} (seed {DEMO_SEED})",
             "device": "CPU",
             "rounds": s.rounds,
             "rows": rows,

@@ -9,8 +9,21 @@ import pytest
 import torch
 
 from damo_plugins.core.artifact import load_model
+from damo_plugins.core.manager import get_manager
+from damo_plugins.core.recipe import load_recipe
 from damo_plugins.data.evaluate import dataset_for, evaluate_artifact
-from damo_plugins.demo import EMBEDDED, ROWS, embedded_checkpoint, summarize
+from damo_plugins.demo import (
+    EMBEDDED,
+    PRUNED,
+    RECOVERY,
+    RECOVERY_DATA,
+    ROWS,
+    demo_recipes,
+    embedded_checkpoint,
+    sha256,
+    shipped_pruned,
+    summarize,
+)
 from damo_plugins.plugins.evaluate import EvaluateConfig
 from tests.conftest import damo_opt
 
@@ -33,6 +46,35 @@ def test_embedded_checkpoint_is_safe_and_accurate() -> None:
     assert {"epochs_done", "cpu_min", "converged"} <= set(info["train"])
     cfg = EvaluateConfig(data="synthetic", images=40)
     metrics = evaluate_artifact(art, dataset_for(cfg, art.input_shape[2]), cfg)
+    assert metrics["mAP"] > MAP_FLOOR, metrics
+
+
+def test_shipped_pruned_checkpoint_is_what_demo_full_makes() -> None:
+    """The pruned rows' checkpoint: safe to load, pruned from the embedded model (byte for
+    byte), by exactly the recipe ``damo-opt demo --full`` runs, with the FLOPs it claims."""
+    path, original = embedded_checkpoint(PRUNED), embedded_checkpoint()
+    assert path is not None and original is not None, f"damo_plugins/assets/{PRUNED} is missing"
+    assert path.stat().st_size < 10_000_000
+    torch.load(path, weights_only=True)
+    info = json.loads(path.with_suffix(".json").read_text())
+    assert info["parent_sha256"] == sha256(original)
+    assert shipped_pruned(original) == (path, info)
+    assert info["command"] == "damo-opt demo --full"
+    assert info["recipe"] == RECOVERY and info["data"] == RECOVERY_DATA
+    full = demo_recipes(str(original), "DATA", prune=RECOVERY)["pruned"]
+    assert full["steps"][0] == {"prune": {**RECOVERY, "data": "DATA"}}
+    load_recipe(full, get_manager(), source="<demo --full>")  # the options validate
+    pruned, unpruned = load_model(path), load_model(original)
+    removed = 1 - pruned.flops() / unpruned.flops()
+    assert removed == pytest.approx(info["prune"]["flops_removed"], abs=1e-3)
+    assert abs(removed - RECOVERY["flops"]) <= RECOVERY["flops_tolerance"]
+    # every pruned conv keeps a multiple of 8 output channels (round_to), or its original count
+    convs = dict(unpruned.model.named_modules())
+    for name, m in pruned.model.named_modules():
+        if isinstance(m, torch.nn.Conv2d) and m.out_channels != convs[name].out_channels:
+            assert m.out_channels % RECOVERY["round_to"] == 0, (name, m.out_channels)
+    cfg = EvaluateConfig(data="synthetic", images=40)
+    metrics = evaluate_artifact(pruned, dataset_for(cfg, pruned.input_shape[2]), cfg)
     assert metrics["mAP"] > MAP_FLOOR, metrics
 
 
@@ -60,11 +102,11 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     proc = damo_opt("demo", "--quick", "-o", str(out), timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"report: {out / 'report.md'}" in proc.stdout
-    assert "[5/5] quantize" in proc.stderr  # progress of the pruned chain is shown
+    assert proc.stderr.count("[4/4] quantize done") == 2  # progress of both chains is shown
     # both chains ran through the pipeline, every step verified
     for chain, steps in (
         ("int8", ["input", "reparam", "export", "convert", "quantize"]),
-        ("pruned", ["input", "prune", "reparam", "export", "convert", "quantize"]),
+        ("pruned", ["input", "reparam", "export", "convert", "quantize"]),  # shipped, recovered
     ):
         sub = json.loads((out / chain / "report.json").read_text())
         assert sub["status"] == "ok"
@@ -90,10 +132,36 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert int8["mAP"] > fused["mAP"] - 0.05  # INT8 with the decode kept in FP stays close
     assert int8["size_bytes"] < 0.6 * fused["size_bytes"]  # INT8 weights on disk
     assert fused["flops"] <= orig["flops"] and fused["params"] <= orig["params"]
-    assert pruned["flops"] < 0.9 * fused["flops"]  # the prune pass removed real work
+    assert pruned["flops"] < 0.75 * fused["flops"]  # the shipped model: a third removed
+    assert pruned["mAP"] > MAP_FLOOR  # recovered, on images no decision saw (seed 1)
     assert pruned_int8["size_bytes"] < int8["size_bytes"]
     md = (out / "report.md").read_text()
     assert "OpenVINO CPU at f32" in md and "INT8 vs fused FP32:" in md
     for name in ROWS:
         assert f"| {name} |" in md
     assert "report.png" in md and (out / "report.png").stat().st_size > 1000
+    assert f"Pruned rows: the shipped `{PRUNED}`, made by `damo-opt demo --full`" in md
+
+
+def test_demo_prunes_another_original_itself() -> None:
+    """A checkpoint the shipped pruned model was not made from gets its own prune step (a
+    smoke recovery of the same recipe), never the shipped rows."""
+    nano = embedded_checkpoint("damo-yolo-nano-synth.pt")
+    assert nano is not None
+    assert shipped_pruned(nano) is None
+    steps = demo_recipes(str(nano), "DATA", quick=True)["pruned"]["steps"]
+    prune = steps[0]["prune"]
+    assert prune == {
+        **RECOVERY,
+        "finetune_epochs": 1,
+        "recovery_iters": 1,
+        "eval_limit": 50,
+        "data": "DATA",
+    }
+    assert steps[1:] == demo_recipes(str(nano), "DATA", quick=True)["int8"]["steps"]
+
+
+def test_demo_quick_and_full_exclude_each_other(tmp_path: Path) -> None:
+    proc = damo_opt("demo", "--quick", "--full", "-o", str(tmp_path / "d"))
+    assert proc.returncode == 2 and "not allowed with argument" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "d").exists()
