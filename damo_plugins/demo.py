@@ -59,7 +59,7 @@ PRUNED = "damo-yolo-t50-synth-pruned.pt"
 #: training, checkpoint choice, sensitivity analysis or recovery decision saw them
 DEMO_SEED = 1
 #: ``demo --full``'s prune step — what made :data:`PRUNED`: about a third of the FLOPs
-#: removed by global Taylor ranking, recovered by four epochs of fine-tuning with the unpruned
+#: removed by global Taylor ranking, recovered by eight epochs of fine-tuning with the unpruned
 #: model as teacher. Channel counts stay multiples of 8 because OpenVINO computes f32 in blocks
 #: of 8 channels on AVX2: pruned to free counts (26 % of the FLOPs) the embedded model ran at
 #: 0.96x the unpruned one, to multiples of 8 (33 %) at 1.33x (``docs/benchmarks/training.md``)
@@ -69,7 +69,7 @@ RECOVERY: dict[str, Any] = {
     "round_to": 8,
     "importance": "taylor",
     "scope": "global",
-    "finetune_epochs": 4,
+    "finetune_epochs": 8,
     "recovery": "distill",
     "eval_limit": 100,
 }
