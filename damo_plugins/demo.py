@@ -89,8 +89,8 @@ class DemoSettings:
 
 
 #: without a recovered checkpoint for the original (another ``checkpoint``, a source checkout
-#: before it was made) the pruned rows come from a smoke recovery: with the teacher, one
-#: recovery iteration of this model costs ~18 CPU-s, and the demo must fit in ~3 minutes
+#: before it was made) the pruned rows come from a smoke recovery: the real one (``--full``)
+#: costs ~69 CPU-min, and the demo must fit in ~3 minutes
 DEFAULT = DemoSettings("synthetic", 64, 4, 12, 0.25)
 QUICK = DemoSettings("synthetic:32,24", 16, 1, 3, 0.05)
 
