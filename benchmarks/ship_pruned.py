@@ -55,11 +55,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"{run}: pruned from {rep['model']}, not the embedded {EMBEDDED}")
     target = ROOT / "damo_plugins" / "assets" / PRUNED
     shutil.copyfile(step["artifact"], target)
-    metrics = {
-        k: v
-        for k, v in step["metrics"].items()
-        if isinstance(v, (int, float, str)) and not isinstance(v, bool)
-    }
     keep = ("params", "flops", "size_bytes", "mAP", "latency_ms", "speedup", "runtime", "precision")
     info = {
         "file": PRUNED,
@@ -68,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": "damo-opt demo --full",
         "recipe": RECOVERY,
         "data": RECOVERY_DATA,
-        "prune": metrics,
+        "prune": rep["prune"],  # the prune step's scalar metrics, as the demo reports them
         "demo_full": {
             "data": rep["data"],
             "machine": machine_line(),
