@@ -23,7 +23,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from common import ROOT, machine_line
+from common import ROOT
 
 from damo_plugins.demo import (
     EMBEDDED,
@@ -47,6 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(
             f"{run}: not a finished demo folder ({exc}); run damo-opt demo --full"
         ) from None
+    if "machine" not in rep:
+        raise SystemExit(f"{run}: made by an older damo-opt demo; run damo-opt demo --full again")
     step = next((s for s in chain["steps"] if s["step"] == "prune"), None)
     if step is None or any(step["config"].get(k) != v for k, v in RECOVERY.items()):
         raise SystemExit(f"{run}: its pruned rows were not made by `damo-opt demo --full`")
@@ -66,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "prune": rep["prune"],  # the prune step's scalar metrics, as the demo reports them
         "demo_full": {
             "data": rep["data"],
-            "machine": machine_line(),
+            "machine": rep["machine"],  # as the demo recorded it, right after its timing
             "rows": {r["name"]: {k: r.get(k) for k in keep} for r in rep["rows"]},
         },
     }

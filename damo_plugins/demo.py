@@ -40,6 +40,7 @@ from typing import Any
 from damo_plugins.core.artifact import ModelArtifact, load_model
 from damo_plugins.core.manager import get_manager
 from damo_plugins.core.pipeline import RunResult, run
+from damo_plugins.lib.machine import describe, summary
 
 #: the embedded model, inside the package (``damo_plugins/assets``)
 EMBEDDED = "damo-yolo-t50-synth.pt"
@@ -271,6 +272,8 @@ def markdown(rep: dict[str, Any], chart: bool) -> str:
         "",
         _prune_line(rep["prune"]),
     ]
+    if rep.get("machine"):
+        lines += ["", f"Machine: {summary(rep['machine'])}"]
     if chart:
         lines += ["", "![latency vs mAP](report.png)"]
     return "\n".join(lines) + "\n"
@@ -397,6 +400,8 @@ def run_demo(
         models = [model, *(str(e["artifact"]) for e in entries[1:])]
         log(f"demo: comparing {len(models)} models (mAP, then {s.rounds} latency rounds) ...")
         rows = compare(models, data_dir, rounds=s.rounds, slot_seconds=s.slot_seconds, log=log)
+        # right after the timing, so its load average is the one the latencies were measured at
+        machine = describe(openvino_precision=True)
         for name, row, entry in zip(ROWS, rows, entries):
             row["name"] = name
             # an IR's FLOPs cannot be counted from the file; quantization keeps the operations,
@@ -417,6 +422,7 @@ def run_demo(
             "model": model,
             "data": f"{s.data} (seed {DEMO_SEED})",
             "device": "CPU",
+            "machine": machine,
             "rounds": s.rounds,
             "rows": rows,
             "summary": summarize(rows),

@@ -141,6 +141,9 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
         assert f"| {name} |" in md
     assert "report.png" in md and (out / "report.png").stat().st_size > 1000
     assert f"Pruned rows: the shipped `{PRUNED}`, made by `damo-opt demo --full`" in md
+    # the machine the latencies were measured on, with its load at the time
+    assert rep["machine"]["cpus"] >= 1 and "load_average" in rep["machine"]
+    assert "Machine: " in md and "Load average" in md
 
 
 def test_demo_prunes_another_original_itself() -> None:
