@@ -110,6 +110,7 @@ class ModelArtifact:
     def example_inputs(self, seed: int = 0, batch: int | None = None) -> list[np.ndarray]:
         """Deterministic random inputs matching the input spec (dynamic axes -> 1)."""
         import numpy as np
+
         rng = np.random.default_rng(seed)
         feeds = []
         for spec in self.inputs:
@@ -128,6 +129,7 @@ class ModelArtifact:
     ) -> list[np.ndarray]:
         """One inference on numpy inputs, whatever the format; outputs as a flat list."""
         import numpy as np
+
         if self.format == "torch":
             import torch
 
@@ -528,7 +530,7 @@ def _load_checkpoint(
     ):
         raise DamoError(f"{path} holds neither a damo-plugins checkpoint nor a state_dict")
     if state and all(k.startswith("module.") for k in state):  # saved from (D)DP
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     if arch_name is None:
         arch_name, found = _recognise(path, state, mgr)
     else:
@@ -793,6 +795,7 @@ def _flatten(out: Any) -> list[torch.Tensor]:
 def _plain(obj: Any) -> Any:
     """JSON-like copy (what weights_only checkpoints and reports may hold)."""
     import numpy as np
+
     if isinstance(obj, Mapping):
         return {str(k): _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

@@ -155,7 +155,9 @@ def check_regular(path: str | os.PathLike[str], what: str = "file") -> Path:
     if stat.S_ISDIR(mode):
         raise DamoError(f"{what} path is a directory, not a file: {p}", "give the file inside it")
     if not stat.S_ISREG(mode):
-        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+        kind = (
+            "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+        )
         raise DamoError(f"{what} {p} is {kind}, not a regular file", "give a regular file")
     return p
 

@@ -116,7 +116,9 @@ def _run_steps(
         "damo_plugins": __version__,
         "recipe": loaded.source,
         # a verb passing the artifact it loaded names it in the recipe; a module has no name
-        "model": r.model if model is None or isinstance(model, ModelArtifact) else type(model).__name__,
+        "model": r.model
+        if model is None or isinstance(model, ModelArtifact)
+        else type(model).__name__,
         "output": str(out),
         "status": "running",
         "steps": [],
@@ -144,7 +146,12 @@ def _run_steps(
             with folder.flat_dir(name) if flat else folder.step_dir(name) as tmp:
                 ctx = PassContext(manager=mgr, workdir=tmp, seed=r.seed, verify=verify, log=log)
                 res = run_step(pass_, art, ctx)
-                after, ver, seconds, config = res.artifact, res.verification, res.seconds, res.config
+                after, ver, seconds, config = (
+                    res.artifact,
+                    res.verification,
+                    res.seconds,
+                    res.config,
+                )
                 if not res.passed:
                     rep["steps"].append(
                         _entry(number, step.name, after, config, ver, seconds, None, res.metrics)
@@ -154,7 +161,9 @@ def _run_steps(
                     )
                 if pass_.measures_only and art.path is not None:
                     model_path = art.path  # unchanged model: no second copy on disk
-                    write_text(tmp / "metrics.json", json.dumps(_plain(res.metrics), indent=2) + "\n")
+                    write_text(
+                        tmp / "metrics.json", json.dumps(_plain(res.metrics), indent=2) + "\n"
+                    )
                 else:
                     model_path = final_dir / after.save(tmp, manager=mgr).name
             entry = _entry(number, step.name, after, config, ver, seconds, model_path, res.metrics)
@@ -176,7 +185,9 @@ def _run_steps(
         rep["error"] = (
             "interrupted"
             if interrupted
-            else str(exc) if isinstance(exc, DamoError) else f"{type(exc).__name__}: {exc}"
+            else str(exc)
+            if isinstance(exc, DamoError)
+            else f"{type(exc).__name__}: {exc}"
         )
         if not isinstance(exc, (DamoError, KeyboardInterrupt)):
             rep["traceback"] = traceback.format_exc(limit=5)

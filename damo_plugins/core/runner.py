@@ -97,8 +97,7 @@ def run_step(pass_: Pass, artifact: ModelArtifact, ctx: PassContext) -> StepResu
         raise
     except Exception as exc:
         raise DamoError(
-            f"step '{name}' could not be verified: {type(exc).__name__}: "
-            f"{first_line(exc)[:300]}",
+            f"step '{name}' could not be verified: {type(exc).__name__}: {first_line(exc)[:300]}",
             "run with --debug for the traceback, or --no-verify to skip checks",
         ) from exc
     verify_seconds = time.perf_counter() - t1

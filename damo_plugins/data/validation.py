@@ -177,5 +177,3 @@ def labelled_validation(
             "give validation images with annotations (or more of them: val_size)",
         )
     return LabelledDetections(images, infos, gt, list(dataset.cat_ids), f"{ann} ({n} images)")
-
-

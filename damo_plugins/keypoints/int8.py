@@ -39,9 +39,7 @@ from damo_plugins.core.errors import DamoError, first_line
 #: ops whose output depends on which boxes were selected: everything downstream is "sparse"
 SELECTION_OPS = frozenset({"TopK", "NonMaxSuppression", "NonZero", "ROIAlign"})
 #: ops NNCF turns into INT8 arithmetic (weights and activations quantized)
-MATRIX_OPS = frozenset(
-    {"Convolution", "GroupConvolution", "ConvolutionBackpropData", "MatMul"}
-)
+MATRIX_OPS = frozenset({"Convolution", "GroupConvolution", "ConvolutionBackpropData", "MatMul"})
 #: ops that are neither computed nor quantized
 STRUCTURAL = frozenset({"Parameter", "Constant", "Result"})
 #: NNCF's ``overflow_fix``: ``enable`` quantizes every convolution's weights to 7 bits
@@ -294,8 +292,9 @@ def quantize_keypoint_rcnn(
         "calibration_images": len(items),
         "backbone_layers": len(quantized),
         "quantized_layers": len(fq),
-        "fake_quantize": sum(1 for op in full.get_ordered_ops()
-                             if op.get_type_name() == "FakeQuantize"),
+        "fake_quantize": sum(
+            1 for op in full.get_ordered_ops() if op.get_type_name() == "FakeQuantize"
+        ),
         "inputs_rewired": rewired,
         "kept_float_ops": len(kept),
     }
@@ -797,7 +796,9 @@ def openvino_features(
     return _openvino_runner(backbone_model(to_openvino(model)), threads, static)
 
 
-def ort_features(proto: Any, threads: int | None = None) -> Callable[[np.ndarray], list[np.ndarray]]:
+def ort_features(
+    proto: Any, threads: int | None = None
+) -> Callable[[np.ndarray], list[np.ndarray]]:
     """``image -> [feature maps]`` of an ONNX whole model (FP32 or QDQ) in ONNX Runtime,
     through its feature sub-graph (:func:`onnx_feature_model`)."""
     from damo_plugins.core.onnx_utils import ort_session
@@ -834,8 +835,12 @@ def feature_fidelity(
             stride = image.shape[-2] / a64.shape[-2]
             key = f"p{round(np.log2(stride))}"
             acc = sums.setdefault(key, np.zeros(4))
-            acc += [(a64 * b64).sum(), (a64 * a64).sum(), (b64 * b64).sum(),
-                    ((a64 - b64) ** 2).sum()]
+            acc += [
+                (a64 * b64).sum(),
+                (a64 * a64).sum(),
+                (b64 * b64).sum(),
+                ((a64 - b64) ** 2).sum(),
+            ]
     out_m: dict[str, float] = {}
     for key in sorted(sums, key=lambda k: int(k[1:])):
         ab, aa, bb, err = sums[key]
@@ -849,7 +854,9 @@ def feature_fidelity(
 
 # ------------------------------------------------------------------------ images
 def read_bgr_images(
-    source: str | Path, limit: int | None = None, short_edge: int = SHORT_EDGE,
+    source: str | Path,
+    limit: int | None = None,
+    short_edge: int = SHORT_EDGE,
     max_size: int = MAX_SIZE,
 ) -> list[np.ndarray]:
     """Images as the whole model takes them: BGR float32 ``[1, 3, H, W]`` in 0..255, resized

@@ -141,5 +141,3 @@ def name_onnx_nodes(model: Any) -> Any:
             node.name = name
             used.add(name)
     return model
-
-

@@ -322,8 +322,7 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
     except (OSError, ValueError) as exc:
         raise ExecutorError(
             f"cannot reach the Ray cluster at {address}: {first_line(exc)}",
-            "check the address (ray status on the head node) or run without --ray; "
-            + RESUME_HINT,
+            "check the address (ray status on the head node) or run without --ray; " + RESUME_HINT,
         ) from None
 
 

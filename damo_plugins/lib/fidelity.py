@@ -25,6 +25,7 @@ def detector_outputs(
 ) -> tuple[int, int] | None:
     """Indices of (scores ``[N, A, C]``, boxes ``[N, A, 4]``) if the outputs look like a detector."""
     import numpy as np
+
     if "scores" in names and "boxes" in names:
         s, b = list(names).index("scores"), list(names).index("boxes")
         if s < len(outputs) and b < len(outputs):
@@ -55,6 +56,7 @@ def top_detection_agreement(
     the same top objects as FP32; a collapsed head scores near 0.
     """
     import numpy as np
+
     hits, total = 0, 0
     for rs, rb, cs, cb in zip(ref_scores, ref_boxes, scores, boxes):
         rs, cs = rs.reshape(rs.shape[0], -1), cs.reshape(cs.shape[0], -1)
@@ -95,6 +97,7 @@ def compare_int8(
 ) -> dict[str, Any]:
     """Cosine similarity (min and mean over samples) and, for detectors, top-detection agreement."""
     import numpy as np
+
     cos, rel, agree = [], [], []
     det = detector_outputs(references[0], names) if references else None
     for ref, out in zip(references, candidates):
@@ -121,6 +124,7 @@ def runner(
 ) -> Callable[[Sequence[np.ndarray]], list[np.ndarray]]:
     """A function running ``artifact`` repeatedly without rebuilding a session each time."""
     import numpy as np
+
     if artifact.format == "onnx":
         from damo_plugins.core.onnx_utils import ort_session
 
@@ -145,6 +149,7 @@ def runner(
 def as_feeds(item: Any) -> list[np.ndarray]:
     """A calibration item (one array, or one array per model input) as a list of feeds."""
     import numpy as np
+
     if isinstance(item, np.ndarray):
         return [item]
     return [np.asarray(x) for x in item]

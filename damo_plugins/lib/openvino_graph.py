@@ -196,6 +196,7 @@ def describe_ir(artifact: ModelArtifact, model: Any) -> ModelArtifact:
 
 def ir_param_count(model: Any) -> int:
     import numpy as np
+
     total = 0
     for op in model.get_ordered_ops():
         if op.get_type_name() == "Constant":
@@ -223,9 +224,11 @@ def ir_flops(model: Any) -> int | None:
         kind = op.get_type_name()
         if kind not in ("Convolution", "GroupConvolution", "MatMul", "ConvolutionBackpropData"):
             continue
-        out, a, b = op.get_output_partial_shape(0), op.input(0).get_partial_shape(), op.input(
-            1
-        ).get_partial_shape()
+        out, a, b = (
+            op.get_output_partial_shape(0),
+            op.input(0).get_partial_shape(),
+            op.input(1).get_partial_shape(),
+        )
         if not (out.is_static and a.is_static and b.is_static):
             return None
         out_s, a_s, b_s = list(out.to_shape()), list(a.to_shape()), list(b.to_shape())

@@ -100,6 +100,7 @@ def recorded_shape(artifact: ModelArtifact) -> list[int] | None:
     import json
 
     from damo_plugins.lib.onnx_export import INPUT_SHAPE_KEY as key
+
     candidates: list[Any] = [artifact.meta.get("input_shape")]
     model = artifact.model
     if artifact.format == "onnx":
@@ -367,9 +368,7 @@ def damo_cli(subparsers: argparse._SubParsersAction) -> None:
         help="measure only this mode (default: both, latency then throughput)",
     )
     p.add_argument("--threads", type=int, help="inference threads (both adapters)")
-    p.add_argument(
-        "--requests", type=int, help="requests in flight for throughput (both adapters)"
-    )
+    p.add_argument("--requests", type=int, help="requests in flight for throughput (both adapters)")
     p.add_argument(
         "--streams",
         type=int,

@@ -321,7 +321,9 @@ def _verify_full(module: Any, proto: Any, record: dict[str, Any] | None = None) 
     status = 0
     for backend, per_image in verify_keypoint_rcnn(module, proto, images).items():
         if record is not None:
-            record[backend] = {f"{h}x{w}": m for (h, w), m in zip(((128, 160), (96, 200)), per_image)}
+            record[backend] = {
+                f"{h}x{w}": m for (h, w), m in zip(((128, 160), (96, 200)), per_image)
+            }
         for (h, w), m in zip(((128, 160), (96, 200)), per_image):
             shown = ", ".join(f"{k} {v:.3g}" for k, v in m.items())
             print(f"  {backend:12s} {h}x{w} {shown}")

@@ -289,7 +289,11 @@ def cmd_search(args: argparse.Namespace) -> int:
 
         print_json(
             {
-                "best": {"score": best.score, **best.metrics.as_dict(), "latency_ms": best.latency_ms},
+                "best": {
+                    "score": best.score,
+                    **best.metrics.as_dict(),
+                    "latency_ms": best.latency_ms,
+                },
                 "initial_score": result.init.score,
                 "iterations": result.iterations,
                 "seconds": round(result.seconds, 3),

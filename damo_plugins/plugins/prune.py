@@ -167,7 +167,9 @@ class PruneConfig(PassConfig):
             )
         if rec != "none" and not self.finetune_epochs:
             raise ConfigError(
-                ["recovery"], f"prune: recovery {rec} needs finetune_epochs >= 1", "or recovery: none"
+                ["recovery"],
+                f"prune: recovery {rec} needs finetune_epochs >= 1",
+                "or recovery: none",
             )
         if self.finetune_epochs and self.data is None:
             raise ConfigError(
@@ -582,7 +584,9 @@ def _recover(
         seed=ctx.seed + step,
         max_iters=cfg.recovery_iters,
     )
-    return recover(model, teacher, train_set, settings, log=lambda s: ctx.log(f"  prune {mode}: {s}"))
+    return recover(
+        model, teacher, train_set, settings, log=lambda s: ctx.log(f"  prune {mode}: {s}")
+    )
 
 
 @hookimpl

@@ -151,5 +151,3 @@ def distill(
         log=log,
     )
     return res.model, distiller, res
-
-

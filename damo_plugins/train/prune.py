@@ -276,7 +276,9 @@ def block_of(name: str) -> str:
     return ".".join(parts[:depth])
 
 
-def group_blocks(model: nn.Module, example: torch.Tensor, ignored: set[nn.Module]) -> dict[str, int]:
+def group_blocks(
+    model: nn.Module, example: torch.Tensor, ignored: set[nn.Module]
+) -> dict[str, int]:
     """Block name -> number of prunable channel groups rooted in it (dependency graph order)."""
     pruner = pruner_for(model, example, ignored, "l1", ratio=0.0)
     names = {m: n for n, m in model.named_modules()}

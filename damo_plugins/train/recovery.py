@@ -276,7 +276,9 @@ class _Limited:
 
 
 @torch.no_grad()
-def detection_loss(model: nn.Module, dataset: Any, limit: int | None = None, batch: int = 8) -> float:
+def detection_loss(
+    model: nn.Module, dataset: Any, limit: int | None = None, batch: int = 8
+) -> float:
     """Mean detection loss (QFL + GIoU + DFL, training weights) on labelled images, eval mode.
 
     A smoother measure than mAP on a handful of images: every anchor and object contributes,

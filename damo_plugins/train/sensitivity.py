@@ -68,9 +68,7 @@ def _hash_tensor(h: Any, t: torch.Tensor) -> None:
     h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
 
 
-def content_key(
-    model: nn.Module, samples: list[tuple[Any, ...]], settings: dict[str, Any]
-) -> str:
+def content_key(model: nn.Module, samples: list[tuple[Any, ...]], settings: dict[str, Any]) -> str:
     """SHA-256 of (weights and buffers, the images and targets measured on, settings)."""
     h = hashlib.sha256()
     h.update(json.dumps({"version": VERSION, **settings}, sort_keys=True, default=str).encode())

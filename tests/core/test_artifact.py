@@ -120,7 +120,9 @@ def test_a_step_result_instead_of_a_model_is_one_clear_line() -> None:
     from damo_plugins import api
 
     step = api.run_pass("reparam", "tiny-cnn")
-    with pytest.raises(DamoError, match="cannot load a model from an object of type StepResult") as err:
+    with pytest.raises(
+        DamoError, match="cannot load a model from an object of type StepResult"
+    ) as err:
         api.run_pass("export", step)
     assert err.value.hint == "pass its .artifact"
     with pytest.raises(DamoError, match="of type int"):

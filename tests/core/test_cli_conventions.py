@@ -101,7 +101,9 @@ def test_json_run_and_dry_run(tmp_path: Path) -> None:
     assert json.loads(Path(rep["files"]["report"]).read_text())["status"] == "ok"
 
 
-def test_json_quantize_is_the_report_and_backends_stay_off_stdout(tmp_path: Path, toy: Path) -> None:
+def test_json_quantize_is_the_report_and_backends_stay_off_stdout(
+    tmp_path: Path, toy: Path
+) -> None:
     rep = _one_document(damo_opt(*quantize(toy), "--subset", "4", "-o", tmp_path / "q", "--json"))
     step = rep["steps"][-1]
     assert step["step"] == "quantize" and step["precision"] == "int8"
@@ -128,8 +130,21 @@ def test_json_nas_keypoints_and_listings(tmp_path: Path) -> None:
     table = tmp_path / "lat.json"
     prof = _one_document(
         damo_opt(
-            "nas", "profile", "--backend", "torch", "--samples", "1", "--calibrate", "0",
-            "--repeats", "1", "--resolution", "64", "-o", table, "--json",
+            "nas",
+            "profile",
+            "--backend",
+            "torch",
+            "--samples",
+            "1",
+            "--calibrate",
+            "0",
+            "--repeats",
+            "1",
+            "--resolution",
+            "64",
+            "-o",
+            table,
+            "--json",
         )
     )
     assert prof["table"] == str(table) and table.is_file() and prof["convolutions"] > 0
@@ -189,7 +204,11 @@ def test_quantize_writes_to_o_as_given_and_owns_only_its_files(tmp_path: Path, t
     proc = damo_opt(*args, "--force")
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
-        "model.onnx", "notes.txt", "report.json", "report.md", "report.png",
+        "model.onnx",
+        "notes.txt",
+        "report.json",
+        "report.md",
+        "report.png",
     ]
     assert not list(out.glob("0*-*"))  # no 01-quantize/ nesting
     rep = json.loads((out / "report.json").read_text())
@@ -312,7 +331,9 @@ def test_quantize_errors_name_the_flag(
 
 
 def test_fuse_and_export_errors_name_the_flag(tmp_path: Path) -> None:
-    assert_clean_error(damo_opt("fuse", "tiny-cnn", "-o", tmp_path, "--tolerance", "-1"), "--tolerance")
+    assert_clean_error(
+        damo_opt("fuse", "tiny-cnn", "-o", tmp_path, "--tolerance", "-1"), "--tolerance"
+    )
     # the one-shot export runs a recipe of several steps: still the flag, not steps[1].export
     oneshot = damo_opt(
         "export", "tiny-cnn", "--format", "onnx", "--tolerance", "-1", "-o", tmp_path / "m.onnx"
@@ -339,7 +360,7 @@ def test_flag_error_rewording() -> None:
 
 
 # ------------------------------------------------------- 6. a checkpoint's missing builder
-PLUGIN = '''
+PLUGIN = """
 import torch
 from damo_plugins.core.hookspecs import hookimpl
 
@@ -363,7 +384,7 @@ build_tiny_det.default_input_shape = [1, 3, 16, 16]
 @hookimpl
 def damo_models():
     return {"tiny-det": build_tiny_det}
-'''
+"""
 
 
 def test_a_checkpoint_whose_builder_is_gone_names_it(tmp_path: Path) -> None:
@@ -373,9 +394,13 @@ def test_a_checkpoint_whose_builder_is_gone_names_it(tmp_path: Path) -> None:
         ckpt = load_model("tiny-det", manager=get_manager()).save(tmp_path, stem="det")
         assert damo_opt("info", ckpt, "--json").returncode == 0  # loads while installed
         disabled = damo_opt("info", ckpt, env={"DAMO_PLUGINS_DISABLE": "tiny-det"})
-        assert_clean_error(disabled, "model builder 'tiny-det' is not installed", "DAMO_PLUGINS_DISABLE")
+        assert_clean_error(
+            disabled, "model builder 'tiny-det' is not installed", "DAMO_PLUGINS_DISABLE"
+        )
     gone = damo_opt("info", ckpt)
-    assert_clean_error(gone, str(ckpt), "model builder 'tiny-det' is not installed", "damo-opt plugins")
+    assert_clean_error(
+        gone, str(ckpt), "model builder 'tiny-det' is not installed", "damo-opt plugins"
+    )
     assert "did you mean" not in gone.stderr
     # a name the user typed still gets the suggestion
     assert_clean_error(damo_opt("info", "tiny-cnm"), "did you mean 'tiny-cnn'")

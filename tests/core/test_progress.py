@@ -174,8 +174,17 @@ def test_quantize_with_nncf_is_quiet_in_a_log_and_verbose_on_request(tmp_path: P
 def test_quantize_with_inc_shows_no_raw_backend_lines(tmp_path: Path) -> None:
     """INC logged raw "[INFO][...py:NN]" lines and torch glog-style "W1130 ..." warnings."""
     proc = damo_opt(
-        "quantize", "tiny-cnn", "--adapter", "inc", "--calib", "generated", "--subset", "8",
-        "--no-verify", "-o", tmp_path / "q",
+        "quantize",
+        "tiny-cnn",
+        "--adapter",
+        "inc",
+        "--calib",
+        "generated",
+        "--subset",
+        "8",
+        "--no-verify",
+        "-o",
+        tmp_path / "q",
     )
     assert proc.returncode == 0, proc.stderr
     lines = (proc.stdout + proc.stderr).splitlines()

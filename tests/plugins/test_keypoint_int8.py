@@ -87,7 +87,9 @@ def test_fidelity_metrics_see_moves_losses_and_classes() -> None:
     other_class = int8.int8_fidelity([ref], [detections(boxes, [0.9, 0.6], kps, [1, 1])])
     assert other_class["matched"] == 0.0 and other_class["recall"] == 0.0
 
-    shifted = int8.int8_fidelity([ref], [detections([[0, 0, 10, 20], [45, 30, 75, 90]], [0.9, 0.6], kps)])
+    shifted = int8.int8_fidelity(
+        [ref], [detections([[0, 0, 10, 20], [45, 30, 75, 90]], [0.9, 0.6], kps)]
+    )
     assert shifted["matched"] == 1.0  # IoU 1/3 < 0.5: the shifted box is not the same object
 
     empty = detections(np.zeros((0, 4)), [], np.zeros((0, 3, 3)))
@@ -195,7 +197,9 @@ def test_static_compile_fixes_an_int8_input_shared_with_another_op() -> None:
     x = ops.parameter([1, 8, -1, -1], np.float32, name="x")
     h, outs, ref_w, ranges = x, [], [], [(-1.0, 1.2), (-0.5, 0.6)]
     for lo, hi in ranges:
-        a = ops.fake_quantize(h, np.float32(lo), np.float32(hi), np.float32(lo), np.float32(hi), 256)
+        a = ops.fake_quantize(
+            h, np.float32(lo), np.float32(hi), np.float32(lo), np.float32(hi), 256
+        )
         wq = rng.integers(-63, 64, (8, 8, 3, 3)).astype(np.int8)
         scale = np.full((8, 1, 1, 1), 1e-2, np.float32)
         w = ops.multiply(ops.convert(ops.constant(wq), np.float32), ops.constant(scale))

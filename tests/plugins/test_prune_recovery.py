@@ -72,9 +72,9 @@ def test_unreachable_or_contradictory_targets_say_so_in_one_line(art, tmp_path):
     with pytest.raises(DamoError, match="'sensitivity' needs data"):
         PrunePass({"flops": 0.3, "allocation": "sensitivity"}).run(art, pass_ctx(tmp_path))
     with pytest.raises(DamoError, match="scope 'global'"):
-        PrunePass(
-            {"flops": 0.3, "allocation": "sensitivity", "scope": "global", "data": "d"}
-        ).run(art, pass_ctx(tmp_path))
+        PrunePass({"flops": 0.3, "allocation": "sensitivity", "scope": "global", "data": "d"}).run(
+            art, pass_ctx(tmp_path)
+        )
     with pytest.raises(DamoError, match=r"recovery \(distill\) needs data"):
         PrunePass({"recovery": "distill", "finetune_epochs": 1}).run(art, pass_ctx(tmp_path))
     with pytest.raises(DamoError, match="needs finetune_epochs"):

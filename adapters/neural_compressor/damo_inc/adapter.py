@@ -143,6 +143,7 @@ class INCAdapter(Adapter):
         calibration and tuning are deterministic given the data).
         """
         import numpy as np
+
         if max_drop is None and (configs is not None or max_trials is not None):
             raise DamoError(
                 "INC's configs and max_trials tune accuracy-controlled quantization; "

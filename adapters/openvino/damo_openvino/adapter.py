@@ -240,6 +240,7 @@ class OpenVINOAdapter(Adapter):
         # Verification runs in f32: on CPUs with AVX512-BF16 (Zen 4, Sapphire Rapids) the CPU
         # plugin's default inference precision is bf16, which differs by ~1e-3.
         import numpy as np
+
         compiled = self.compile(artifact, device, properties={"INFERENCE_PRECISION_HINT": "f32"})
         result = compiled(list(feeds))
         return [np.asarray(result[out]) for out in compiled.outputs]
@@ -469,6 +470,7 @@ def _fit_shapes(model: Any, artifact: ModelArtifact) -> tuple[Any, list[list[int
 def _feeds_for(compiled: Any, shapes: Sequence[Sequence[int]]) -> list[np.ndarray]:
     """Seeded random inputs of the given shapes, in the compiled model's input dtypes."""
     import numpy as np
+
     rng = np.random.default_rng(0)
     feeds = []
     for port, shape in zip(compiled.inputs, shapes):
