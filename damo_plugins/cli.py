@@ -334,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument(
         "--full",
         action="store_true",
-        help="re-create the shipped pruned model: prune + distilled recovery (~1 h of CPU)",
+        help="re-create the shipped pruned model: prune + distilled recovery (~1.5 h of CPU)",
     )
     p.add_argument("--mlflow", nargs="?", const="on", metavar="URI", help=_MLFLOW_HELP)
     p.add_argument("--json", action="store_true", help="print the report as JSON")

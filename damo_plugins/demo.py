@@ -10,7 +10,7 @@ measuring code (nothing demo-specific decides a number):
   - ``pruned/``: reparam -> export -> convert -> quantize, starting from the shipped pruned
     model (about a third of the FLOPs removed, recovered with the unpruned model as teacher).
     ``damo-opt demo --full`` re-creates that model with the tool (its ``pruned/`` recipe then
-    starts with the prune step, about an hour of CPU); its JSON names the command.
+    starts with the prune step, about 1.5 hours of CPU); its JSON names the command.
 
 * the five models (original, fused, INT8, pruned, pruned + INT8) then go through
   :func:`damo_plugins.optimize.compare.compare`, the code behind ``damo-opt compare``: params,
@@ -60,7 +60,7 @@ PRUNED = "damo-yolo-t50-synth-pruned.pt"
 #: training, checkpoint choice, sensitivity analysis or recovery decision saw them
 DEMO_SEED = 1
 #: ``demo --full``'s prune step — what made :data:`PRUNED`: about a third of the FLOPs
-#: removed by global Taylor ranking, recovered by eight epochs of fine-tuning with the unpruned
+#: removed by global Taylor ranking, recovered by ten epochs of fine-tuning with the unpruned
 #: model as teacher. Channel counts stay multiples of 8 because OpenVINO computes f32 in blocks
 #: of 8 channels on AVX2: pruned to free counts (26 % of the FLOPs) the embedded model ran at
 #: 0.96x the unpruned one, to multiples of 8 (33 %) at 1.33x (``docs/benchmarks/training.md``)
@@ -70,7 +70,7 @@ RECOVERY: dict[str, Any] = {
     "round_to": 8,
     "importance": "taylor",
     "scope": "global",
-    "finetune_epochs": 8,
+    "finetune_epochs": 10,
     "recovery": "distill",
     "eval_limit": 100,
 }
@@ -91,7 +91,7 @@ class DemoSettings:
 
 #: without a recovered checkpoint for the original (another ``checkpoint``, a source checkout
 #: before it was made) the pruned rows come from a smoke recovery: the real one (``--full``)
-#: costs ~69 CPU-min, and the demo must fit in ~3 minutes
+#: costs ~1.5 CPU-hours, and the demo must fit in ~3 minutes
 DEFAULT = DemoSettings("synthetic", 64, 4, 12, 0.25)
 QUICK = DemoSettings("synthetic:32,24", 16, 1, 3, 0.05)
 
@@ -108,8 +108,15 @@ def embedded_checkpoint(name: str = EMBEDDED) -> Path | None:
     return path if path.is_file() else None
 
 
-def _tail(calibration: int) -> list[Any]:
-    """export -> convert -> quantize: the deployment chain both recipes end with."""
+def _tail(calibration: int, data_dir: str | None) -> list[Any]:
+    """export -> convert -> quantize: the deployment chain both recipes end with; NNCF
+    calibrates on the first images of ``data_dir``'s train split (never the val split the
+    demo measures on), else on images rendered like the embedded model's training set."""
+    images = (
+        {"images": str(Path(data_dir) / "train"), "size": calibration}
+        if data_dir is not None
+        else {"synthetic": calibration}
+    )
     return [
         {"export": {"opset": 17}},
         {"convert": {"to": "openvino"}},
@@ -117,8 +124,11 @@ def _tail(calibration: int) -> list[Any]:
             "quantize": {
                 "adapter": "nncf",
                 "target": "openvino",
-                "calibration": {"synthetic": calibration},
+                "calibration": images,
                 "subset_size": calibration,
+                # NNCF's full bias correction: ~14 s more per model on 2 cores, and it took the
+                # INT8 loss from 0.26 points to none on both demo models (training.md)
+                "fast_bias_correction": False,
             }
         },
     ]
@@ -139,7 +149,7 @@ def demo_recipes(
     ``data_dir`` (train/ + val/).
     """
     s = QUICK if quick else DEFAULT
-    tail = _tail(s.calibration)
+    tail = _tail(s.calibration, data_dir)
     if pruned is not None:
         chain: dict[str, Any] = {"model": pruned, "steps": ["reparam", *tail]}
     else:
@@ -326,7 +336,7 @@ def run_demo(
 
     The pruned rows start from the shipped recovered checkpoint (:data:`PRUNED`) when it was
     made from this original; ``full`` re-creates it instead — the prune step :data:`RECOVERY`
-    on :data:`RECOVERY_DATA`, about an hour of CPU; without either, a smoke recovery.
+    on :data:`RECOVERY_DATA`, about 1.5 hours of CPU; without either, a smoke recovery.
     ``checkpoint`` replaces the embedded model (a model of the same task: 6 shape classes),
     e.g. to see the demo's table for a retrained candidate before it is shipped."""
     from damo_plugins.core.io import write_text
@@ -352,7 +362,7 @@ def run_demo(
     if full:
         log(
             f"demo --full: pruning with the recovery that made {PRUNED} on '{RECOVERY_DATA}' "
-            "(the embedded model's training set) — about an hour of CPU"
+            "(the embedded model's training set) — about 1.5 hours of CPU, 45 min on 2 cores"
         )
         prune, prune_dir = RECOVERY, _folder(RECOVERY_DATA, 0)
     elif shipped is None:

@@ -114,6 +114,10 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
         for s in sub["steps"]:
             if s["verification"] is not None:
                 assert s["verification"]["passed"], s
+        quantize = sub["steps"][-1]["config"]
+        # calibrated on the demo data's train split, never on the val split it is measured on
+        assert Path(quantize["calibration"]["images"]).name == "train", quantize
+        assert quantize["fast_bias_correction"] is False
     rep = json.loads((out / "report.json").read_text())
     assert rep["status"] == "ok"
     rows = {r["name"]: r for r in rep["rows"]}
