@@ -126,8 +126,8 @@ def _tail(calibration: int, data_dir: str | None) -> list[Any]:
                 "target": "openvino",
                 "calibration": images,
                 "subset_size": calibration,
-                # NNCF's full bias correction: ~14 s more per model on 2 cores, and it took the
-                # INT8 loss from 0.26 points to none on both demo models (training.md)
+                # NNCF's full bias correction: ~14 s more per model on 2 cores; on four models
+                # it removed NNCF's default INT8 loss of 0.1-0.8 points (training.md)
                 "fast_bias_correction": False,
             }
         },
@@ -362,7 +362,7 @@ def run_demo(
     if full:
         log(
             f"demo --full: pruning with the recovery that made {PRUNED} on '{RECOVERY_DATA}' "
-            "(the embedded model's training set) — about 1.5 hours of CPU, 45 min on 2 cores"
+            "(the embedded model's training set) — about 1.5 hours of CPU, ~50 min on 2 cores"
         )
         prune, prune_dir = RECOVERY, _folder(RECOVERY_DATA, 0)
     elif shipped is None:
