@@ -117,7 +117,7 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
         quantize = sub["steps"][-1]["config"]
         # calibrated on the demo data's train split, never on the val split it is measured on
         assert Path(quantize["calibration"]["images"]).name == "train", quantize
-        assert quantize["fast_bias_correction"] is False
+        assert quantize["fast_bias_correction"] is True  # --quick: NNCF's fast one
     rep = json.loads((out / "report.json").read_text())
     assert rep["status"] == "ok"
     rows = {r["name"]: r for r in rep["rows"]}
@@ -166,6 +166,10 @@ def test_demo_prunes_another_original_itself() -> None:
         "data": "DATA",
     }
     assert steps[1:] == demo_recipes(str(nano), "DATA", quick=True)["int8"]["steps"]
+    # the user's demo quantizes with NNCF's exact bias correction, calibrated on the train split
+    (quantize,) = [st["quantize"] for st in demo_recipes(str(nano), "DATA")["int8"]["steps"][-1:]]
+    assert quantize["fast_bias_correction"] is False
+    assert quantize["calibration"] == {"images": str(Path("DATA") / "train"), "size": 64}
 
 
 def test_demo_quick_and_full_exclude_each_other(tmp_path: Path) -> None:
