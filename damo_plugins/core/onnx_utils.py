@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from damo_plugins.core.errors import DamoError
 
-if TYPE_CHECKING:  # pragma: no cover
-    pass
-
-#: ONNX Runtime 1.31 rejects IR version 14, which onnx 1.23's helpers write by default.
+#: the newest IR version every ONNX Runtime the package allows (>= 1.18) reads; onnx 1.23's
+#: helpers write 14, which ORT 1.31 rejected (1.32 reads up to 14, rejects 15)
 MAX_ORT_IR_VERSION = 10
 
 
@@ -32,9 +30,7 @@ def ort_session(model: Any, providers: list[str] | None = None, threads: int | N
         )
     source = model if isinstance(model, (str, bytes)) else None
     if source is None and hasattr(model, "SerializeToString"):
-        if model.ir_version > MAX_ORT_IR_VERSION:
-            model = _with_ir_version(model, MAX_ORT_IR_VERSION)
-        source = model.SerializeToString()
+        source = ort_loadable(model).SerializeToString()
     if source is None:
         source = str(model)
     try:
@@ -44,12 +40,17 @@ def ort_session(model: Any, providers: list[str] | None = None, threads: int | N
         raise DamoError(f"ONNX Runtime cannot load the model: {first[:300]}") from exc
 
 
-def _with_ir_version(model: Any, version: int) -> Any:
+def ort_loadable(model: Any) -> Any:
+    """``model`` (a ``ModelProto``) as ONNX Runtime accepts it: a copy stamped with IR version
+    :data:`MAX_ORT_IR_VERSION` when onnx wrote a newer one (the graph's ops are the same; only
+    the stamp is newer than this ORT reads), else ``model`` itself."""
+    if model.ir_version <= MAX_ORT_IR_VERSION:
+        return model
     import onnx
 
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    copy.ir_version = version
+    copy.ir_version = MAX_ORT_IR_VERSION
     return copy
 
 

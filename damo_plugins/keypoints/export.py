@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from damo_plugins.core.errors import DamoError, first_line
+from damo_plugins.core.onnx_utils import MAX_ORT_IR_VERSION
 from damo_plugins.keypoints.postprocess import METHODS
 
 OPSETS = (16, 17, 18)
@@ -113,7 +114,7 @@ def export_keypoint_model(
             f"keypoint ONNX export failed: {type(exc).__name__}: {first[:300]}"
         ) from exc
     proto = onnx.load_from_string(buf.getvalue())
-    proto.ir_version = min(proto.ir_version, 10)  # ONNX Runtime 1.31 rejects onnx 1.23's IR 14
+    proto.ir_version = min(proto.ir_version, MAX_ORT_IR_VERSION)  # what ONNX Runtime reads
     try:
         onnx.checker.check_model(proto)
     except Exception as exc:

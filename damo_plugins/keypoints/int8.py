@@ -622,10 +622,9 @@ def ort_executed_ops(proto: Any, threads: int | None = None) -> dict[str, int]:
     import onnx
     import onnxruntime as ort
 
-    from damo_plugins.core.onnx_utils import MAX_ORT_IR_VERSION, _with_ir_version
+    from damo_plugins.core.onnx_utils import ort_loadable
 
-    if proto.ir_version > MAX_ORT_IR_VERSION:
-        proto = _with_ir_version(proto, MAX_ORT_IR_VERSION)
+    proto = ort_loadable(proto)
     with tempfile.TemporaryDirectory() as tmp:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
