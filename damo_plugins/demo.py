@@ -8,7 +8,7 @@ measuring code (nothing demo-specific decides a number):
 
   - ``int8/``:   reparam -> export -> convert (OpenVINO) -> quantize (NNCF INT8, decode in FP)
   - ``pruned/``: reparam -> export -> convert -> quantize, starting from the shipped pruned
-    model (about a third of the FLOPs removed, recovered with the unpruned model as teacher).
+    model (a quarter of the FLOPs removed, recovered with the unpruned model as teacher).
     ``damo-opt demo --full`` re-creates that model with the tool (its ``pruned/`` recipe then
     starts with the prune step, about 1.5 hours of CPU); its JSON names the command.
 
@@ -59,14 +59,15 @@ PRUNED = "damo-yolo-t50-synth-pruned.pt"
 #: the demo measures on images of another seed than the embedded model's training set: no
 #: training, checkpoint choice, sensitivity analysis or recovery decision saw them
 DEMO_SEED = 1
-#: ``demo --full``'s prune step — what made :data:`PRUNED`: about a third of the FLOPs
-#: removed by global Taylor ranking, recovered by ten epochs of fine-tuning with the unpruned
-#: model as teacher. Channel counts stay multiples of 8 because OpenVINO computes f32 in blocks
-#: of 8 channels on AVX2: pruned to free counts (26 % of the FLOPs) the embedded model ran at
-#: 0.96x the unpruned one, to multiples of 8 (33 %) at 1.33x (``docs/benchmarks/training.md``)
+#: ``demo --full``'s prune step — what made :data:`PRUNED`: a quarter of the FLOPs removed by
+#: global Taylor ranking (a third cost the converged model 1.7 points after the same recovery),
+#: recovered by ten epochs of fine-tuning with the unpruned model as teacher. Channel counts
+#: stay multiples of 8 because OpenVINO computes f32 in blocks of 8 channels on AVX2: pruned to
+#: free counts (26 % of the FLOPs) the embedded model ran at 0.96x the unpruned one, to
+#: multiples of 8 (33 %) at 1.33x (``docs/benchmarks/training.md``)
 RECOVERY: dict[str, Any] = {
-    "flops": 0.32,
-    "flops_tolerance": 0.03,
+    "flops": 0.26,
+    "flops_tolerance": 0.01,
     "round_to": 8,
     "importance": "taylor",
     "scope": "global",
@@ -101,8 +102,17 @@ QUICK = DemoSettings("synthetic:32,24", 16, 1, 3, 0.05, True)
 
 def smoke_prune(iters: int) -> dict[str, Any]:
     """The prune step when no recovered checkpoint fits: :data:`RECOVERY` with ``iters``
-    recovery iterations — a smoke run of the recovery code, not a recovery."""
-    return {**RECOVERY, "finetune_epochs": 1, "recovery_iters": iters, "eval_limit": 50}
+    recovery iterations — a smoke run of the recovery code, not a recovery. The FLOPs
+    tolerance is widened to 3 points: RECOVERY's 1 point pins the shipped model's cut, while
+    another original only needs about the same cut, and its channel counts in multiples of 8
+    may not land within a point of it."""
+    return {
+        **RECOVERY,
+        "flops_tolerance": 0.03,
+        "finetune_epochs": 1,
+        "recovery_iters": iters,
+        "eval_limit": 50,
+    }
 
 
 def embedded_checkpoint(name: str = EMBEDDED) -> Path | None:

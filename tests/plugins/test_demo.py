@@ -136,7 +136,7 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert int8["mAP"] > fused["mAP"] - 0.05  # INT8 with the decode kept in FP stays close
     assert int8["size_bytes"] < 0.6 * fused["size_bytes"]  # INT8 weights on disk
     assert fused["flops"] <= orig["flops"] and fused["params"] <= orig["params"]
-    assert pruned["flops"] < 0.75 * fused["flops"]  # the shipped model: a third removed
+    assert pruned["flops"] < 0.75 * fused["flops"]  # the shipped model: a quarter removed
     assert pruned["mAP"] > MAP_FLOOR  # recovered, on images no decision saw (seed 1)
     assert pruned_int8["size_bytes"] < int8["size_bytes"]
     md = (out / "report.md").read_text()
@@ -160,6 +160,7 @@ def test_demo_prunes_another_original_itself() -> None:
     prune = steps[0]["prune"]
     assert prune == {
         **RECOVERY,
+        "flops_tolerance": 0.03,
         "finetune_epochs": 1,
         "recovery_iters": 1,
         "eval_limit": 50,
