@@ -79,6 +79,14 @@ def test_unreachable_or_contradictory_targets_say_so_in_one_line(art, tmp_path):
         PrunePass({"recovery": "distill", "finetune_epochs": 1}).run(art, pass_ctx(tmp_path))
     with pytest.raises(DamoError, match="needs finetune_epochs"):
         PrunePass({"recovery": "finetune", "data": "d"}).run(art, pass_ctx(tmp_path))
+    with pytest.raises(DamoError, match="importance 'l1' ranks every candidate the same"):
+        PrunePass({"flops": 0.3, "candidates": 2, "importance": "l1", "data": "d"}).run(
+            art, pass_ctx(tmp_path)
+        )
+    with pytest.raises(DamoError, match=r"candidates .* need data"):
+        PrunePass({"flops": 0.3, "candidates": 2}).run(art, pass_ctx(tmp_path))
+    with pytest.raises(DamoError, match="compared at one FLOPs budget"):
+        PrunePass({"ratio": 0.3, "candidates": 2, "data": "d"}).run(art, pass_ctx(tmp_path))
     # found when a recipe is loaded (``--dry-run``), located at the option
     from damo_plugins.core.passes import ConfigError
 
@@ -166,6 +174,35 @@ def test_sensitivity_is_measured_once_then_read_from_the_cache(sensitivity_runs)
         next(changed.parameters()).mul_(1.01)
     key2 = sens_mod.content_key(changed, [], {})
     assert key2[:32] not in key1
+
+
+def test_candidates_recover_the_copy_that_keeps_the_most_control_map(data, tmp_path):
+    """Each candidate ranks channels on its own augmentation of the Taylor images; the run
+    keeps the one with the best control mAP, and candidate 1 is the single ranking's."""
+    base = shipped_nano(128)
+    cfg = {
+        "flops": 0.25,
+        "importance": "taylor",
+        "scope": "global",
+        "data": str(data),
+        "img_size": 128,
+        "taylor_images": 16,
+        "eval_limit": 16,
+    }
+    one = pass_ctx(tmp_path / "one")
+    single = PrunePass(cfg).run(base, one)
+    many = pass_ctx(tmp_path / "many")
+    chosen = PrunePass({**cfg, "candidates": 3}).run(base, many)
+    step = many.extra["steps"][0]
+    scores = step["candidates"]
+    assert len(scores) == 3 and len(set(scores)) > 1, scores  # the streams rank differently
+    assert scores[0] == one.extra["mAP_pruned"]  # stream 0: what one ranking prunes
+    assert step["chosen"] == 1 + scores.index(max(scores))
+    assert many.extra["mAP_pruned"] == max(scores)
+    assert abs(many.extra["flops_removed"] - 0.25) <= 0.02
+    if step["chosen"] == 1:
+        assert chosen.flops() == single.flops()
+    assert "candidates" not in one.extra["steps"][0]
 
 
 def test_pruned_model_saved_and_replayed_gives_the_same_outputs(sensitivity_runs, tmp_path):
