@@ -33,11 +33,13 @@ counted on the result.
 
 ``candidates: N`` (Taylor, a FLOPs budget): right after a cut the converged embedded model
 keeps anywhere from 0.06 to 0.15 mAP depending only on which augmentations of the 64 Taylor
-images ranked its channels (six seeds, ``docs/benchmarks/training.md``), and in the pairs
-measured the copy that kept more recovered better. So each step ranks ``N`` times, each on
-its own augmentation stream (the first is the one a single ranking uses), prunes each copy to
-the budget, measures it on the ``eval_limit`` control images and recovers only the best —
-about 20 s per candidate against minutes per recovery epoch.
+images ranked its channels (six seeds, ``docs/benchmarks/training.md``), and the three
+recoveries of that cut lost held-out mAP in the order of what their copy kept (0.150 ->
+-0.74, 0.110 -> -1.31, 0.057 -> -1.71 points; their control mAPs were not so ordered). So
+each step ranks ``N`` times, each on its own augmentation stream (the first is the one a
+single ranking uses), prunes each copy to the budget, measures it on the ``eval_limit``
+control images and recovers only the best — about 16 s per candidate, against minutes per
+recovery epoch. Three recoveries are a hint, not proof: the option is off by default.
 
 ``allocation: sensitivity`` (:mod:`damo_plugins.train.sensitivity`): the mAP cost of
 pruning each block (backbone stage, neck block) alone on ``sensitivity_images`` control
