@@ -451,8 +451,10 @@ class PrunePass(Pass):
                 return m, conv_flops(m, sizes)
 
             # each candidate ranks channels on its own augmentation of the Taylor images;
-            # one candidate needs no comparison (and no control evaluation)
-            found: list[tuple[tuple[bool, float], float, nn.Module, int]] = []
+            # one candidate needs no comparison (and no control evaluation). Only the best
+            # copy so far is kept: N candidates cost N prunings, not N models in memory.
+            scores: list[float] = []
+            best: tuple[tuple[bool, float], int, float, nn.Module, int] | None = None
             for c in range(cfg.candidates):
                 taylor(model, c)
                 knob, pruned, flops = search_flops(
@@ -467,12 +469,16 @@ class PrunePass(Pass):
                         f"  prune step {step + 1} candidate {c + 1}/{cfg.candidates}: "
                         f"{1 - flops / f0:.1%} of FLOPs removed, control mAP {score}"
                     )
-                found.append(((abs(flops - goal) <= tolerance, score), knob, pruned, flops))
-            chosen = max(range(len(found)), key=lambda i: found[i][0])
-            _, knob, model, flops = found[chosen]
+                scores.append(score)
+                rank = (abs(flops - goal) <= tolerance, score)
+                if best is None or rank > best[0]:
+                    best = (rank, c, knob, pruned, flops)
+                del pruned
+            assert best is not None
+            _, chosen, knob, model, flops = best
             entry: dict[str, Any] = {"step": step + 1, "flops_removed": round(1 - flops / f0, 4)}
             if cfg.candidates > 1:
-                entry["candidates"] = [f[0][1] for f in found]
+                entry["candidates"] = scores
                 entry["chosen"] = chosen + 1
             if weights is not None:
                 entry["ratios"] = {
