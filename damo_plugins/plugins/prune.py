@@ -301,7 +301,7 @@ class PrunePass(Pass):
 
         def recover(m: nn.Module, step: int) -> nn.Module:
             assert data is not None
-            if step == cfg.steps - 1:
+            if step == cfg.steps - 1 and "mAP_pruned" not in metrics:  # candidates measured it
                 metrics["mAP_pruned"] = _map(m, data[1], cfg)
             res = _recover(m, teacher, data[0], cfg, ctx, step, recovery)
             for k in rec_time:
@@ -368,7 +368,7 @@ class PrunePass(Pass):
             metrics["recovery_seconds"] = round(rec_time["seconds"], 1)
             metrics["recovery_cpu_seconds"] = round(rec_time["cpu_seconds"], 1)
             metrics["recovery_iterations"] = rec_time["iterations"]
-        elif data is not None:
+        elif data is not None and "mAP_pruned" not in metrics:
             metrics["mAP_pruned"] = _map(model, data[1], cfg)
         ctx.extra.update(metrics)
         out.meta["prune"] = metrics
@@ -480,6 +480,8 @@ class PrunePass(Pass):
             if cfg.candidates > 1:
                 entry["candidates"] = scores
                 entry["chosen"] = chosen + 1
+                if step == cfg.steps - 1:  # the chosen copy's control mAP: not measured twice
+                    metrics["mAP_pruned"] = scores[chosen]
             if weights is not None:
                 entry["ratios"] = {
                     b: round(r, 3)
