@@ -164,6 +164,7 @@ def test_demo_prunes_another_original_itself() -> None:
         "finetune_epochs": 1,
         "recovery_iters": 1,
         "eval_limit": 50,
+        "candidates": 1,
         "data": "DATA",
     }
     assert steps[1:] == demo_recipes(str(nano), "DATA", quick=True)["int8"]["steps"]
