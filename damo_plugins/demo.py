@@ -60,10 +60,9 @@ PRUNED = "damo-yolo-t50-synth-pruned.pt"
 #: training, checkpoint choice, sensitivity analysis or recovery decision saw them
 DEMO_SEED = 1
 #: ``demo --full``'s prune step — what made :data:`PRUNED`: a quarter of the FLOPs removed by
-#: global Taylor ranking (a third cost the converged model 1.7 points after the same recovery),
-#: the best of four rankings by the control mAP each pruned copy keeps, recovered by fourteen
-#: epochs of fine-tuning with the unpruned model as teacher (held-out: -0.4 and -0.5 points on
-#: two seeds; ten epochs left -0.74 and -1.31). Channel counts
+#: global Taylor ranking (a third cost the converged model 1.7 points after ten recovery
+#: epochs), the best of four rankings by the control mAP each pruned copy keeps, recovered by
+#: fourteen epochs of fine-tuning with the unpruned model as teacher. Channel counts
 #: stay multiples of 8 because OpenVINO computes f32 in blocks of 8 channels on AVX2: pruned to
 #: free counts (26 % of the FLOPs) the embedded model ran at 0.96x the unpruned one, to
 #: multiples of 8 (33 %) at 1.33x (``docs/benchmarks/training.md``)
