@@ -78,6 +78,8 @@ def to_runtime(
 class _Compiled:
     """A model compiled at a chosen OpenVINO precision, with ``ModelArtifact.run``'s shape."""
 
+    format = "openvino"  # what the evaluation's progress line names
+
     def __init__(self, compiled: Any) -> None:
         self.compiled = compiled
 
