@@ -16,7 +16,16 @@ from common import DOCS, ROOT, SHARED_MACHINE, log, machine, write_section
 
 from damo_plugins.lib.machine import summary
 
-ORDER = ["compression", "adapters", "accuracy_control", "reparam", "training", "nas", "keypoints"]
+ORDER = [
+    "compression",
+    "deploy_rewrites",
+    "adapters",
+    "accuracy_control",
+    "reparam",
+    "training",
+    "nas",
+    "keypoints",
+]
 
 
 def machine_notes() -> str:

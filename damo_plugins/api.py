@@ -80,17 +80,21 @@ def load(
     )
 
 
-def reparameterize(module: Any, *, fold_bn: bool = True, mode: str = "auto") -> Any:
+def reparameterize(
+    module: Any, *, fold_bn: bool = True, mode: str = "auto", space_to_depth: bool = True
+) -> Any:
     """A fused copy of any ``nn.Module``: RepConv/RepVGG branches merged, Conv+BN folded.
 
     Works on modules that are not this project's: multi-branch sums of convolutions (3x3 +
     1x1 + identity-BN) are found by tracing (``mode="graph"``/``"auto"``); modules with a
-    ``switch_to_deploy``-style method are deployed (``"module"``/``"auto"``). The input module
-    is left as it was; the result is in eval mode. Outputs are equal up to float rounding.
+    ``switch_to_deploy``-style method are deployed (``"module"``/``"auto"``), and with
+    ``space_to_depth`` this project's Focus stems become one stride-2 convolution. The input
+    module is left as it was; the result is in eval mode. Outputs are equal up to float
+    rounding.
     """
     from damo_plugins.lib.reparam import reparameterize as _fuse
 
-    fused, _report = _fuse(module, mode=mode, fold=fold_bn)
+    fused, _report = _fuse(module, mode=mode, fold=fold_bn, space_to_depth=space_to_depth)
     return fused
 
 

@@ -144,7 +144,8 @@ def graph_flops(model: Any) -> int | None:
             k = a[0] if attrs.get("transA", 0) else a[-1]  # type: ignore[index]
             macs = math.prod(out) * int(k)  # type: ignore[arg-type]
         elif len(b) == 1:  # type: ignore[arg-type]
-            # a matrix-vector product (DFL's integral): torch's counter has no rule for it,
+            # a matrix-vector product (a DFL integral written as prob @ bins, as this
+            # project exported it before the per-level decode): torch's counter has no rule for it,
             # so it is left out here too and the counts of a model and its export agree
             continue
         else:

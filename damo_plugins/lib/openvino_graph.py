@@ -238,7 +238,7 @@ def ir_flops(model: Any) -> int | None:
             macs = math.prod(out_s) * math.prod(b_s[2:])
         elif kind == "ConvolutionBackpropData":  # weights [Cin, Cout, k...]: per input value
             macs = math.prod(a_s) * math.prod(b_s[1:])
-        elif len(b_s) == 1:  # matrix-vector (DFL's integral): not counted, as by torch
+        elif len(b_s) == 1:  # matrix-vector (a DFL integral, prob @ bins): as by torch
             continue
         else:
             transpose_a = bool(op.get_attributes().get("transpose_a", False))

@@ -4,7 +4,9 @@ Two levels, combined by the default ``mode: auto``:
 
 * **Module level** — every module that knows how to deploy itself (a ``switch_to_deploy``
   method: our RepConv, DAMO-YOLO's, RepVGG's, YOLOv6/7's ...) is asked to; Conv→BN pairs
-  inside an ``nn.Sequential`` (where order is execution order) are folded.
+  inside an ``nn.Sequential`` (where order is execution order) are folded. With
+  ``space_to_depth`` (the default), a Focus stem (a ``fold_space_to_depth`` method: ours)
+  becomes one stride-2 convolution on the image (see :class:`~damo_plugins.models.blocks.Focus`).
 * **Graph level** — for code that does not cooperate, the model is traced with ``torch.fx``
   and the graph is searched for (1) *sums of parallel branches* reading the same tensor —
   k×k conv(+BN), 1x1 conv(+BN), BN alone (an identity branch), numeric constants — which are
@@ -49,6 +51,7 @@ class FusionReport:
 
     mode: str
     repconv_deployed: int = 0
+    space_to_depth_folded: int = 0
     branch_sums_fused: int = 0
     branches_merged: int = 0
     conv_bn_folded: int = 0
@@ -63,6 +66,7 @@ class FusionReport:
         return {
             "mode": self.mode,
             "repconv_deployed": self.repconv_deployed,
+            "space_to_depth_folded": self.space_to_depth_folded,
             "branch_sums_fused": self.branch_sums_fused,
             "branches_merged": self.branches_merged,
             "conv_bn_folded": self.conv_bn_folded,
@@ -77,12 +81,17 @@ class FusionReport:
 
 # ============================================================================ entry
 def reparameterize(
-    model: nn.Module, mode: str = "auto", fold: bool = True, inplace: bool = False
+    model: nn.Module,
+    mode: str = "auto",
+    fold: bool = True,
+    inplace: bool = False,
+    space_to_depth: bool = True,
 ) -> tuple[nn.Module, FusionReport]:
     """Return a fused copy of ``model`` (eval mode) and what was done.
 
     ``inplace=True`` fuses ``model`` itself (its submodules are replaced), for callers that
-    own a freshly built module, such as :meth:`ReparamPass.replay`.
+    own a freshly built module, such as :meth:`ReparamPass.replay`. ``space_to_depth``
+    folds Focus stems (module level, so not in ``mode: graph``).
     """
     if mode not in ("auto", "module", "graph"):
         raise DamoError(f"unknown reparam mode {mode!r}", "auto, module or graph")
@@ -90,6 +99,8 @@ def reparameterize(
     rep = FusionReport(mode=mode, bn_before=_count_bn(work))
     if mode in ("auto", "module"):
         rep.repconv_deployed += _deploy_modules(work)
+        if space_to_depth:
+            rep.space_to_depth_folded += _fold_space_to_depth(work)
     if mode == "module":
         if fold:
             rep.conv_bn_folded += _fold_sequentials(work)
@@ -129,6 +140,15 @@ def _deploy_modules(model: nn.Module) -> int:
             m.switch_to_deploy()
             n += 1
     return n
+
+
+def _fold_space_to_depth(model: nn.Module) -> int:
+    """Ask every module with a ``fold_space_to_depth`` method (a Focus stem) to fold."""
+    return sum(
+        1
+        for m in list(model.modules())
+        if callable(getattr(m, "fold_space_to_depth", None)) and m.fold_space_to_depth()
+    )
 
 
 def _fold_sequentials(model: nn.Module) -> int:

@@ -26,6 +26,9 @@ class ReparamConfig(PassConfig):
         description="auto: module level, then fx for the rest; module or graph: one level only",
     )
     fold_bn: bool = Field(True, description="also fold every Conv→BN pair")
+    space_to_depth: bool = Field(
+        True, description="fold Focus stems (space-to-depth + conv) into one stride-2 conv"
+    )
     tolerance: float = Field(1e-5, gt=0, description="max error relative to output scale")
 
 
@@ -43,16 +46,22 @@ class ReparamPass(Pass):
         from damo_plugins.lib.reparam import reparameterize
 
         cfg: ReparamConfig = self.config  # type: ignore[assignment]
-        fused, rep = reparameterize(artifact.model, cfg.mode, cfg.fold_bn)
+        fused, rep = reparameterize(
+            artifact.model, cfg.mode, cfg.fold_bn, space_to_depth=cfg.space_to_depth
+        )
         out = artifact.derive(model=fused)
         if out.arch is not None:
-            out.arch.setdefault("transforms", []).append(
-                {"pass": self.name, "record": {"mode": cfg.mode, "fold_bn": cfg.fold_bn}}
-            )
+            record = {
+                "mode": cfg.mode,
+                "fold_bn": cfg.fold_bn,
+                "space_to_depth": cfg.space_to_depth,
+            }
+            out.arch.setdefault("transforms", []).append({"pass": self.name, "record": record})
         ctx.extra.update(rep.as_dict())
         log: Callable[[str], Any] = ctx.log
         log(
-            f"reparam: {rep.repconv_deployed} RepConv(s) deployed, {rep.branch_sums_fused} branch "
+            f"reparam: {rep.repconv_deployed} RepConv(s) deployed, "
+            f"{rep.space_to_depth_folded} Focus stem(s) folded, {rep.branch_sums_fused} branch "
             f"sum(s) merged, {rep.conv_bn_folded} Conv+BN folded, {rep.bn_after} BN left"
         )
         for note in rep.notes:
@@ -64,8 +73,14 @@ class ReparamPass(Pass):
         from damo_plugins.lib.reparam import reparameterize
 
         mode = record.get("mode", "auto")
+        # records written before the Focus fold existed have no key: those stems stay as
+        # they were saved
         fused, _ = reparameterize(
-            module, str(mode), bool(record.get("fold_bn", True)), inplace=True
+            module,
+            str(mode),
+            bool(record.get("fold_bn", True)),
+            inplace=True,
+            space_to_depth=bool(record.get("space_to_depth", False)),
         )
         return fused
 
@@ -88,6 +103,9 @@ def damo_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=("auto", "module", "graph"), default="auto")
     p.add_argument("--no-fold-bn", action="store_true", help="keep Conv->BN pairs unfolded")
     p.add_argument(
+        "--no-space-to-depth", action="store_true", help="keep Focus stems as slicing + conv"
+    )
+    p.add_argument(
         "--tolerance", type=float, default=1e-5, help="max error relative to output scale"
     )
     p.add_argument("--force", action="store_true", help="overwrite an existing checkpoint")
@@ -108,8 +126,13 @@ def cmd_fuse(args: argparse.Namespace) -> int:
 
     from damo_plugins.core.verbs import model_from_args, pass_from_options
 
-    options = {"mode": args.mode, "fold_bn": not args.no_fold_bn, "tolerance": args.tolerance}
-    step = pass_from_options(ReparamPass, options, {"fold_bn": "--no-fold-bn"})
+    options = {
+        "mode": args.mode,
+        "fold_bn": not args.no_fold_bn,
+        "space_to_depth": not args.no_space_to_depth,
+        "tolerance": args.tolerance,
+    }
+    step = pass_from_options(ReparamPass, options, FUSE_FLAGS)
     out = Path(args.output)
     if out.suffix in (".pt", ".pth"):
         target = out
@@ -200,4 +223,9 @@ def _fuse_to_file(args: argparse.Namespace, step: Pass, art: ModelArtifact, targ
 
 
 #: reparam option -> the ``damo-opt fuse`` flag that sets it
-FUSE_FLAGS = {"mode": "--mode", "fold_bn": "--no-fold-bn", "tolerance": "--tolerance"}
+FUSE_FLAGS = {
+    "mode": "--mode",
+    "fold_bn": "--no-fold-bn",
+    "space_to_depth": "--no-space-to-depth",
+    "tolerance": "--tolerance",
+}

@@ -13,6 +13,7 @@ from damo_plugins.core.manager import get_manager
 from damo_plugins.core.passes import PassContext
 from damo_plugins.lib.onnx_export import export_onnx
 from damo_plugins.lib.reparam import reparameterize
+from damo_plugins.models.blocks import Focus
 from damo_plugins.models.damo_yolo import build_damo_yolo
 from damo_plugins.plugins.reparam import ReparamPass
 from tests.conftest import randomize_bn
@@ -223,9 +224,8 @@ def test_pass_verifies_and_checkpoint_replays(tmp_path, t_artifact, mode: str) -
     ver = step.verify(t_artifact, fused, ctx)
     assert ver.passed and ver.metrics["max_rel"] <= 1e-5
     assert ctx.extra["bn_remaining"] == 0 and ctx.extra["multi_branch_remaining"] == 0
-    assert fused.arch["transforms"] == [
-        {"pass": "reparam", "record": {"mode": mode, "fold_bn": True}}
-    ]
+    record = {"mode": mode, "fold_bn": True, "space_to_depth": True}
+    assert fused.arch["transforms"] == [{"pass": "reparam", "record": record}]
     path = fused.save(tmp_path)
     payload = torch.load(path, weights_only=True)  # a safe checkpoint
     assert not any(".bn" in k or "rbr_1x1" in k for k in payload["state_dict"])
@@ -233,6 +233,44 @@ def test_pass_verifies_and_checkpoint_replays(tmp_path, t_artifact, mode: str) -
     feeds = t_artifact.example_inputs()
     for a, b in zip(fused.run(feeds), again.run(feeds)):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_focus_fold_is_exact(k: int) -> None:
+    """Focus (slicing + k x k conv) == one 2k x 2k conv of stride 2, in float64 to 1e-12;
+    non-square inputs, the BN after the conv kept as it is, and a second fold refused."""
+    torch.manual_seed(k)
+    focus = randomize_bn(Focus(3, 16, k)).double().eval()
+    x = torch.rand(2, 3, 64, 96, dtype=torch.float64) * 255
+    with torch.no_grad():
+        want = focus(x)
+        assert focus.fold_space_to_depth() and not focus.fold_space_to_depth()
+        got = focus(x)
+    conv = focus.conv.conv
+    assert conv.in_channels == 3 and conv.kernel_size == (2 * k, 2 * k) and conv.stride == (2, 2)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_reparam_folds_focus_and_old_records_replay(tmp_path, t_artifact) -> None:
+    """The pass folds the stem (the export then starts with a Conv on the image, no Slice);
+    a checkpoint whose record predates the option (no ``space_to_depth`` key) keeps its
+    slicing stem on replay, and ``space_to_depth: false`` keeps it too."""
+    ctx = PassContext(manager=get_manager(), workdir=tmp_path, log=lambda _msg: None)
+    fused = ReparamPass().run(t_artifact, ctx)
+    assert ctx.extra["space_to_depth_folded"] == 1
+    proto = export_onnx(fused, opset=17)
+    first = [n for n in proto.graph.node if "images" in n.input]
+    assert [n.op_type for n in first] == ["Conv"]
+    kept = ReparamPass({"space_to_depth": False}).run(t_artifact, ctx)
+    assert kept.model.backbone.block_list[0].conv.conv.in_channels == 12
+    del kept.arch["transforms"][-1]["record"]["space_to_depth"]  # as saved before the option
+    again = load_model(kept.save(tmp_path / "old"))
+    assert not again.model.backbone.block_list[0].folded
+    feeds = t_artifact.example_inputs()
+    ref = t_artifact.run(feeds)
+    for out in (fused.run(feeds), again.run(feeds)):
+        for a, b in zip(ref, out):
+            assert float(np.abs(a - b).max() / np.abs(a).max()) <= 1e-5
 
 
 def test_fused_model_exports_and_runs_in_onnxruntime(t_artifact) -> None:
@@ -259,6 +297,7 @@ def test_cli_fuse(tmp_path, capsys) -> None:
     assert (out / "model.pt").is_file()
     captured = capsys.readouterr()
     assert "max rel. error" in captured.err and "24 RepConv(s) deployed" in captured.err
+    assert "1 Focus stem(s) folded" in captured.err
     assert (out / "report.json").is_file()  # beside the model: -o as given, no 01-reparam/
     assert cli_main(argv) == 2  # refuses to overwrite
     assert "already holds the outputs of an earlier run" in capsys.readouterr().err

@@ -1,0 +1,210 @@
+"""What the two deployment rewrites buy, measured side by side on the demo's models.
+
+    python benchmarks/bench_deploy_rewrites.py [--rounds 12] [--output docs/benchmarks/deploy_rewrites.md]
+
+The rewrites (both exact up to float32 summation order):
+
+* **Focus fold** (``reparam``'s ``space_to_depth``): the stem's four strided slices +
+  concat + k x k conv become one 2k x 2k conv of stride 2 on the image;
+* **per-level decode** (:class:`damo_plugins.models.head.ZeroHead`): the bins' softmax and
+  expectation run in the convolutions' layout, anchors innermost, instead of on the
+  flattened ``[N, A, 4, bins]`` tensor training uses.
+
+For the embedded model and its shipped pruned version, three variants go through the demo's
+own chain (``reparam -> export -> convert -> quantize``, :func:`damo_plugins.demo.demo_recipes`'
+options, each step verified): **before** (no Focus fold, the flattened decode — rebuilt here
+from ``forward_levels`` as the reference), **+ Focus fold**, and **both** (what the package
+does now). Then:
+
+* one ``compare`` call over all FP32 and INT8 IRs: mAP on the demo's held-out images and
+  latency in OpenVINO at f32, interleaved rounds, speed-ups against the original model;
+* OpenVINO's per-operation counters (``PERF_COUNT``) for each INT8 IR, summed by operation
+  type: where an inference's time goes, and which part each rewrite removes.
+
+The Markdown is printed and written to ``docs/benchmarks/deploy_rewrites.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import (
+    DOCS,
+    apply_pass,
+    command,
+    log,
+    machine,
+    machine_line,
+    md_table,
+    quiet,
+    write_section,
+)
+from torch import nn
+
+from damo_plugins.core.artifact import ModelArtifact, load_model
+from damo_plugins.core.manager import get_manager
+
+VARIANTS = ("before", "+ Focus fold", "both (now)")
+
+
+class FlattenedDecode(nn.Module):
+    """The head as it decoded before the per-level layout: the reference for "before"."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, feats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        cls, reg, points, strides = self.head.forward_levels(feats)
+        dist = torch.matmul(reg.softmax(dim=-1), self.head.integral.project) * strides
+        boxes = torch.cat([points[..., :2] - dist[..., :2], points[..., 2:] + dist[..., 2:]], -1)
+        return cls.sigmoid(), boxes
+
+
+def build(
+    art: ModelArtifact, variant: str, tail: list[Any], work: Path
+) -> tuple[ModelArtifact, ModelArtifact]:
+    """FP32 and INT8 OpenVINO artifacts of ``art`` in ``variant``, through the passes."""
+    mgr = get_manager()
+    fold = variant != "before"
+    fused = apply_pass(mgr, "reparam", {"space_to_depth": fold}, art, work / "reparam", log=quiet)
+    model = fused.artifact
+    if variant == "before":
+        model.model.head = FlattenedDecode(model.model.head)
+    current = model
+    results = {}
+    for step in tail:
+        ((name, options),) = step.items()
+        res = apply_pass(mgr, name, options, current, work / name, log=quiet)
+        if res.verification is not None and not res.verification.passed:
+            raise SystemExit(f"{variant}: {name} failed its check: {res.verification.message}")
+        current = results[name] = res.artifact
+    return results["convert"], results["quantize"]
+
+
+def op_profile(xml: str, runs: int = 200) -> dict[str, float]:
+    """Microseconds per inference by OpenVINO operation type (f32 hint, batch 1)."""
+    import numpy as np
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(xml)
+    compiled = core.compile_model(
+        model,
+        "CPU",
+        {"INFERENCE_PRECISION_HINT": "f32", "PERF_COUNT": "YES", "PERFORMANCE_HINT": "LATENCY"},
+    )
+    req = compiled.create_infer_request()
+    x = np.random.default_rng(0).random(model.inputs[0].get_shape(), dtype=np.float32) * 255
+    totals: dict[str, float] = defaultdict(float)
+    for _ in range(20):
+        req.infer({0: x})
+    for _ in range(runs):
+        req.infer({0: x})
+        for p in req.get_profiling_info():
+            totals[p.node_type] += p.real_time.total_seconds() * 1e6 / runs
+    return dict(totals)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from damo_plugins.demo import (
+        DEFAULT,
+        DEMO_SEED,
+        _folder,
+        demo_recipes,
+        embedded_checkpoint,
+        shipped_pruned,
+    )
+    from damo_plugins.optimize.compare import compare
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--output", default=str(DOCS / "deploy_rewrites.md"))
+    args = ap.parse_args(argv)
+
+    data = _folder(DEFAULT.data, DEMO_SEED)  # the demo's own data: calibration and held-out
+    original = embedded_checkpoint()
+    pruned = shipped_pruned(original)
+    if original is None or pruned is None:
+        raise SystemExit("the embedded model or its shipped pruned version is missing")
+    tail = demo_recipes(str(original), data)["int8"]["steps"][1:]
+    models: dict[str, str] = {"original": str(original)}
+    with tempfile.TemporaryDirectory(prefix="damo-rewrites-") as tmp:
+        for label, ckpt in (("", original), ("pruned ", pruned[0])):
+            art = load_model(str(ckpt))
+            for variant in VARIANTS:
+                log(f"building {label}{variant} ...")
+                work = Path(tmp) / f"{label.strip() or 'orig'}-{VARIANTS.index(variant)}"
+                f32, int8 = build(art, variant, tail, work)
+                models[f"{label}{variant} · f32"] = str(f32.path)
+                models[f"{label}{variant} · INT8"] = str(int8.path)
+        log(f"comparing {len(models)} models ({args.rounds} rounds) ...")
+        rows = compare(list(models.values()), data, rounds=args.rounds, log=quiet)
+        profiles = {
+            name: op_profile(path) for name, path in models.items() if name.endswith("INT8")
+        }
+    info = machine()
+    lines = [
+        "## Deployment rewrites: Focus fold and per-level decode",
+        "",
+        f"Command: `{command(__file__, argv)}`",
+        "",
+        machine_line(info, shared=False),
+        "",
+        f"Every row measured by one `compare` call: mAP@[.5:.95] on the demo's {rows[0]['images']}"
+        " held-out images, latency batch 1 in **OpenVINO CPU at f32** (INT8 rows: INT8"
+        f" convolutions, decode in f32), median of {args.rounds} interleaved rounds (lowest–"
+        "highest round), speed-up = median of per-round ratios against the original.",
+        "",
+    ]
+    table = []
+    for (name, _path), row in zip(models.items(), rows):
+        spread = row["latency_rounds_ms"]
+        table.append(
+            [
+                name,
+                f"{100 * row['mAP']:.2f}",
+                f"{row['latency_ms']:.2f} ({min(spread):.2f}–{max(spread):.2f})",
+                f"{row['speedup']:.2f}x",
+            ]
+        )
+    lines += md_table(["model", "mAP", "latency ms (rounds)", "speed-up"], table)
+    kinds = sorted(
+        {k for p in profiles.values() for k in p},
+        key=lambda k: -max(p.get(k, 0) for p in profiles.values()),
+    )
+    top = [k for k in kinds if max(p.get(k, 0) for p in profiles.values()) >= 20]
+    lines += [
+        "",
+        "INT8 IRs, OpenVINO's per-operation counters (µs per inference, summed by operation"
+        " type; 200 runs; operation types under 20 µs everywhere are in 'other'):",
+        "",
+    ]
+    head = ["operation", *profiles]
+    body = []
+    for k in top:
+        body.append([k, *(f"{p.get(k, 0):.0f}" for p in profiles.values())])
+    body.append(
+        [
+            "other",
+            *(f"{sum(v for t, v in p.items() if t not in top):.0f}" for p in profiles.values()),
+        ]
+    )
+    body.append(["**sum**", *(f"**{sum(p.values()):.0f}**" for p in profiles.values())])
+    lines += md_table(head, body)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    write_section(args.output, text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
