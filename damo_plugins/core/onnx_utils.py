@@ -145,8 +145,9 @@ def graph_flops(model: Any) -> int | None:
             macs = math.prod(out) * int(k)  # type: ignore[arg-type]
         elif len(b) == 1:  # type: ignore[arg-type]
             # a matrix-vector product (a DFL integral written as prob @ bins, as this
-            # project exported it before the per-level decode): torch's counter has no rule for it,
-            # so it is left out here too and the counts of a model and its export agree
+            # project exported it before the per-level decode): torch's counter has no
+            # rule for it, so it is left out here too and the counts of a model and its
+            # export agree
             continue
         else:
             macs = math.prod(out) * int(a[-1])  # type: ignore[index]
