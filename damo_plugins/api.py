@@ -88,7 +88,8 @@ def reparameterize(
     Works on modules that are not this project's: multi-branch sums of convolutions (3x3 +
     1x1 + identity-BN) are found by tracing (``mode="graph"``/``"auto"``); modules with a
     ``switch_to_deploy``-style method are deployed (``"module"``/``"auto"``), and with
-    ``space_to_depth`` this project's Focus stems become one stride-2 convolution. The input
+    ``space_to_depth`` Focus stems (ours, or four ``x[..., dy::2, dx::2]`` phases
+    concatenated before a conv in your code) become one stride-2 convolution. The input
     module is left as it was; the result is in eval mode. Outputs are equal up to float
     rounding.
     """

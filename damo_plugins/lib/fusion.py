@@ -6,6 +6,11 @@ bias: ``W' = W · γ/σ`` (per output channel) and ``b' = (b − μ) · γ/σ + 
 that read the same input and are summed become one convolution whose kernel and bias are the
 sums, once every kernel is zero-padded (centred) to the largest size; an identity branch is
 the kernel with a 1 at the centre of its own channel (within its group).
+
+A space-to-depth (Focus) stem — the image's four phases ``x[..., dy::2, dx::2]`` stacked on
+the channels, then a k x k convolution of stride 1 — is pure re-indexing followed by a linear
+map, so it is one 2k x 2k convolution of stride 2 on the image (padding doubled), each
+phase's weights on every other row and column (:func:`space_to_depth_conv`).
 """
 
 from __future__ import annotations
@@ -62,3 +67,42 @@ def identity_kernel(
     idx = torch.arange(channels)
     w[idx, idx % per_group, size[0] // 2, size[1] // 2] = 1
     return w
+
+
+#: the phase order of DAMO-YOLO's (and YOLOX's) Focus: top-left, bottom-left, top-right,
+#: bottom-right, as ``(dy, dx)``
+FOCUS_PHASES = ((0, 0), (1, 0), (0, 1), (1, 1))
+
+
+@torch.no_grad()
+def space_to_depth_conv(
+    conv: nn.Conv2d, phases: tuple[tuple[int, int], ...] = FOCUS_PHASES
+) -> nn.Conv2d | None:
+    """The stride-2 conv on the image equal to ``conv`` applied to the image's four phases
+    stacked in ``phases`` order (``(dy, dx)`` of each channel group); ``None`` if ``conv``
+    is not a plain stride-1 convolution (grouped, dilated, padded other than with zeros)."""
+    if (
+        conv.stride != (1, 1)
+        or conv.dilation != (1, 1)
+        or conv.groups != 1
+        or conv.padding_mode != "zeros"
+        or isinstance(conv.padding, str)
+        or conv.in_channels % 4
+        or sorted(phases) != [(0, 0), (0, 1), (1, 0), (1, 1)]
+    ):
+        return None
+    cout, cin4, kh, kw = conv.weight.shape
+    c = cin4 // 4
+    folded = nn.Conv2d(
+        c,
+        cout,
+        (2 * kh, 2 * kw),
+        stride=2,
+        padding=(2 * conv.padding[0], 2 * conv.padding[1]),
+        bias=conv.bias is not None,
+    ).to(device=conv.weight.device, dtype=conv.weight.dtype)
+    for g, (dy, dx) in enumerate(phases):
+        folded.weight[:, :, dy::2, dx::2] = conv.weight[:, g * c : (g + 1) * c]
+    if conv.bias is not None:
+        folded.bias.copy_(conv.bias)
+    return folded

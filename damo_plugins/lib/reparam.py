@@ -10,10 +10,13 @@ Two levels, combined by the default ``mode: auto``:
 * **Graph level** — for code that does not cooperate, the model is traced with ``torch.fx``
   and the graph is searched for (1) *sums of parallel branches* reading the same tensor —
   k×k conv(+BN), 1x1 conv(+BN), BN alone (an identity branch), numeric constants — which are
-  replaced by one conv, and (2) every remaining Conv→BN pair, which is folded (grouped,
-  depthwise, strided, dilated, with or without conv bias). When only BNs are folded the
-  model keeps its own classes (the BN modules become ``Identity``); when branches are merged
-  the traced part becomes a ``torch.fx.GraphModule``.
+  replaced by one conv, (2) with ``space_to_depth``, Focus stems written as code (four
+  ``x[..., dy::2, dx::2]`` phases concatenated on the channels, then a conv: upstream's and
+  YOLOX's ``Focus``), which become one stride-2 conv, and (3) every remaining Conv→BN pair,
+  which is folded (grouped, depthwise, strided, dilated, with or without conv bias). When
+  only BNs are folded the model keeps its own classes (the BN modules become ``Identity``);
+  when branches are merged or a stem is folded the traced part becomes a
+  ``torch.fx.GraphModule``.
 
 A module fx cannot trace (data-dependent control flow, list unpacking of inputs, ...) is not
 an error: its children are tried one by one, and what stays untraced falls back to the
@@ -38,7 +41,7 @@ import torch.fx
 from torch import nn
 
 from damo_plugins.core.errors import DamoError, first_line
-from damo_plugins.lib.fusion import fold_bn, identity_kernel, pad_kernel
+from damo_plugins.lib.fusion import fold_bn, identity_kernel, pad_kernel, space_to_depth_conv
 
 BN_TYPES = (nn.BatchNorm2d,)
 #: attributes copied onto a GraphModule that replaces a module (what callers look for)
@@ -91,7 +94,7 @@ def reparameterize(
 
     ``inplace=True`` fuses ``model`` itself (its submodules are replaced), for callers that
     own a freshly built module, such as :meth:`ReparamPass.replay`. ``space_to_depth``
-    folds Focus stems (module level, so not in ``mode: graph``).
+    folds Focus stems (at both levels).
     """
     if mode not in ("auto", "module", "graph"):
         raise DamoError(f"unknown reparam mode {mode!r}", "auto, module or graph")
@@ -105,7 +108,7 @@ def reparameterize(
         if fold:
             rep.conv_bn_folded += _fold_sequentials(work)
     else:
-        work = _graph_fuse(work, "", rep, fold)
+        work = _graph_fuse(work, "", rep, fold, space_to_depth)
     rep.bn_after = _count_bn(work)
     rep.multi_branch_left = sum(1 for m in work.modules() if _undeployed(m))
     if rep.bn_after:
@@ -214,7 +217,9 @@ def _trace(module: nn.Module) -> torch.fx.GraphModule:
                 delattr(m, key)  # created by the traced forward: holds proxies
 
 
-def _graph_fuse(module: nn.Module, path: str, rep: FusionReport, fold: bool) -> nn.Module:
+def _graph_fuse(
+    module: nn.Module, path: str, rep: FusionReport, fold: bool, space_to_depth: bool = True
+) -> nn.Module:
     """Fuse ``module`` through fx, or its children if it cannot be traced; return the result."""
     if torch.fx.Tracer().is_leaf_module(module, ""):
         return module  # a single built-in layer (conv, BN, ...): nothing to fuse inside it
@@ -235,7 +240,7 @@ def _graph_fuse(module: nn.Module, path: str, rep: FusionReport, fold: bool) -> 
                 rep.untraced.append(f"{path or '<root>'} ({type(exc).__name__}: {why})")
             return module
         for name, child in children:
-            new = _graph_fuse(child, f"{path}.{name}" if path else name, rep, fold)
+            new = _graph_fuse(child, f"{path}.{name}" if path else name, rep, fold, space_to_depth)
             if new is not child:
                 setattr(module, name, new)
         if any(isinstance(c, BN_TYPES) for c in module.children()):
@@ -246,6 +251,10 @@ def _graph_fuse(module: nn.Module, path: str, rep: FusionReport, fold: bool) -> 
 
     rewriter = _GraphRewriter(gm, rep)
     merged = rewriter.fuse_branch_sums()
+    if space_to_depth:
+        stems = rewriter.fold_space_to_depth()
+        rep.space_to_depth_folded += stems
+        merged += stems
     folded_bns = rewriter.fold_conv_bn() if fold else []
     if not merged:
         # Only BN folding: the conv objects are shared with ``module`` and already updated;
@@ -424,6 +433,62 @@ class _GraphRewriter:
                 return name
         raise RuntimeError("no free name for a fused conv")  # pragma: no cover
 
+    # ---------------------------------------------------------- space-to-depth
+    def fold_space_to_depth(self) -> int:
+        """Fold every ``cat(4 phases of x, dim=1) -> conv`` into one stride-2 conv on ``x``."""
+        graph = self.gm.graph
+        n = 0
+        for node in list(graph.nodes):
+            found = self._focus(node)
+            if found is None:
+                continue
+            source, phases, conv_node, parts = found
+            folded = space_to_depth_conv(self.gm.get_submodule(conv_node.target), phases)
+            if folded is None:
+                continue
+            parent, _, name = conv_node.target.rpartition(".")
+            setattr(self.gm.get_submodule(parent) if parent else self.gm, name, folded)
+            conv_node.args = (source,)
+            graph.erase_node(node)
+            for part in parts:
+                graph.erase_node(part)
+            n += 1
+        return n
+
+    def _focus(self, cat: torch.fx.Node) -> tuple[Any, Any, Any, Any] | None:
+        """``(x, phases, conv node, the four slices)`` if ``cat`` concatenates four phases
+        of one tensor on the channels and feeds nothing but a conv used once; else ``None``."""
+        if cat.op != "call_function" or cat.target is not torch.cat or len(cat.users) != 1:
+            return None
+        parts = cat.args[0] if cat.args else cat.kwargs.get("tensors")
+        dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+        conv_node = next(iter(cat.users))
+        if (
+            dim not in (1, -3)
+            or not isinstance(parts, (list, tuple))
+            or len(parts) != 4
+            or self._mod(conv_node, nn.Conv2d) is None
+            or conv_node.args != (cat,)
+            or conv_node.kwargs
+        ):
+            return None
+        source, phases = None, []
+        for part in parts:
+            if (
+                not isinstance(part, torch.fx.Node)
+                or part.op != "call_function"
+                or part.target is not operator.getitem
+                or len(part.users) != 1
+            ):
+                return None
+            src, index = part.args
+            phase = _phase(index)
+            if phase is None or (source is not None and src is not source):
+                return None
+            source = src
+            phases.append(phase)
+        return source, tuple(phases), conv_node, list(parts)
+
     # -------------------------------------------------------------------- Conv→BN
     def fold_conv_bn(self) -> list[str]:
         graph = self.gm.graph
@@ -442,6 +507,25 @@ class _GraphRewriter:
             folded.append(node.target)
             self.rep.conv_bn_folded += 1
         return folded
+
+
+def _phase(index: Any) -> tuple[int, int] | None:
+    """``(dy, dx)`` of an index ``[..., dy::2, dx::2]`` (or ``[:, :, dy::2, dx::2]``)."""
+    if not isinstance(index, tuple) or len(index) not in (3, 4):
+        return None
+    lead, rows, cols = index[:-2], index[-2], index[-1]
+    whole = slice(None, None, None)
+    if lead not in ((Ellipsis,), (whole, whole)):
+        return None
+    offsets = []
+    for sl in (rows, cols):
+        if not isinstance(sl, slice) or sl.step != 2 or sl.stop is not None:
+            return None
+        start = sl.start or 0
+        if start not in (0, 1):
+            return None
+        offsets.append(start)
+    return offsets[0], offsets[1]
 
 
 def _compatible(group: list[_Branch]) -> bool:

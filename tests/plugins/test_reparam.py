@@ -45,7 +45,7 @@ def test_damo_yolo_fusion_exact_float32(damo: tuple[str, nn.Module], mode: str) 
     assert count_bn(model) == bn_before  # the input model is untouched
     assert rel_error(model, fused, torch.rand(1, 3, 96, 96)) <= 1e-5
     n_rep = {"t": 24, "s": 27, "m": 33}[preset]
-    assert rep.multi_branch_left == 0
+    assert rep.multi_branch_left == 0 and rep.space_to_depth_folded == 1  # by method or by fx
     if mode == "module":
         assert rep.repconv_deployed == n_rep and rep.conv_bn_folded == 0
     elif mode == "auto":
@@ -251,6 +251,41 @@ def test_focus_fold_is_exact(k: int) -> None:
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+class UpstreamStyleFocus(nn.Module):
+    """A Focus as user code writes it (upstream DAMO-YOLO / YOLOX): no fold method, its own
+    phase order and indexing style, conv -> BN -> act."""
+
+    def __init__(self, order: str) -> None:
+        super().__init__()
+        self.order = order
+        self.conv = nn.Conv2d(12, 8, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        top_left, top_right = x[..., ::2, ::2], x[..., ::2, 1::2]
+        bot_left, bot_right = x[:, :, 1::2, ::2], x[:, :, 1::2, 1::2]
+        if self.order == "upstream":
+            parts = (top_left, bot_left, top_right, bot_right)
+        else:
+            parts = (bot_right, top_left, top_right, bot_left)
+        return self.act(self.bn(self.conv(torch.cat(parts, dim=1))))
+
+
+@pytest.mark.parametrize("order", ["upstream", "shuffled"])
+def test_graph_level_folds_a_focus_written_as_code(order: str) -> None:
+    net = randomize_bn(nn.Sequential(UpstreamStyleFocus(order), nn.Conv2d(8, 4, 1))).eval()
+    x = torch.rand(1, 3, 32, 48)
+    for mode in ("graph", "auto"):
+        fused, rep = reparameterize(net, mode)
+        assert rep.space_to_depth_folded == 1 and rep.bn_after == 0, mode
+        assert rel_error(net, fused, x) <= 1e-5, mode
+        code = fused.code if isinstance(fused, torch.fx.GraphModule) else ""
+        assert "getitem" not in code and "cat" not in code, code
+    kept, rep = reparameterize(net, "graph", space_to_depth=False)
+    assert rep.space_to_depth_folded == 0 and kept[0].conv.in_channels == 12  # BN folded only
+
+
 def test_reparam_folds_focus_and_old_records_replay(tmp_path, t_artifact) -> None:
     """The pass folds the stem (the export then starts with a Conv on the image, no Slice);
     a checkpoint whose record predates the option (no ``space_to_depth`` key) keeps its
@@ -298,6 +333,9 @@ def test_cli_fuse(tmp_path, capsys) -> None:
     captured = capsys.readouterr()
     assert "max rel. error" in captured.err and "24 RepConv(s) deployed" in captured.err
     assert "1 Focus stem(s) folded" in captured.err
+    kept = ["fuse", "damo-yolo-t", "-o", str(tmp_path / "kept"), "--input-shape", "1,3,64,64"]
+    assert cli_main([*kept, "--no-space-to-depth"]) == 0
+    assert "0 Focus stem(s) folded" in capsys.readouterr().err
     assert (out / "report.json").is_file()  # beside the model: -o as given, no 01-reparam/
     assert cli_main(argv) == 2  # refuses to overwrite
     assert "already holds the outputs of an earlier run" in capsys.readouterr().err
