@@ -50,6 +50,7 @@ from torch import nn
 
 from damo_plugins.core.artifact import ModelArtifact, load_model
 from damo_plugins.core.manager import get_manager
+from damo_plugins.models.head import distances_to_boxes
 
 VARIANTS = ("before", "+ Focus fold", "both (now)")
 
@@ -64,8 +65,7 @@ class FlattenedDecode(nn.Module):
     def forward(self, feats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         cls, reg, points, strides = self.head.forward_levels(feats)
         dist = torch.matmul(reg.softmax(dim=-1), self.head.integral.project) * strides
-        boxes = torch.cat([points[..., :2] - dist[..., :2], points[..., 2:] + dist[..., 2:]], -1)
-        return cls.sigmoid(), boxes
+        return cls.sigmoid(), distances_to_boxes(points, dist)
 
 
 def build(art: ModelArtifact, variant: str, tail: list[Any], work: Path) -> tuple[Path, Path]:
@@ -88,22 +88,21 @@ def build(art: ModelArtifact, variant: str, tail: list[Any], work: Path) -> tupl
 
 
 def op_profile(xml: str, runs: int = 300) -> dict[str, float]:
-    """Microseconds per inference by OpenVINO operation type (f32 hint, batch 1): for each
-    type the median over ``runs`` inferences, robust to the odd slow one."""
+    """Microseconds per inference by OpenVINO operation type (compiled by the OpenVINO
+    adapter as ``compare`` times it: f32, latency hint; batch 1): for each type the median
+    over ``runs`` inferences, robust to the odd slow one."""
     import statistics
 
     import numpy as np
-    import openvino as ov
 
-    core = ov.Core()
-    model = core.read_model(xml)
-    compiled = core.compile_model(
-        model,
-        "CPU",
-        {"INFERENCE_PRECISION_HINT": "f32", "PERF_COUNT": "YES", "PERFORMANCE_HINT": "LATENCY"},
+    art = load_model(xml)
+    compiled = (
+        get_manager()
+        .get_adapter("openvino")
+        .compile(art, "CPU", hint="latency", properties={"PERF_COUNT": "YES"})
     )
     req = compiled.create_infer_request()
-    x = np.random.default_rng(0).random(model.inputs[0].get_shape(), dtype=np.float32) * 255
+    x = np.random.default_rng(0).random(art.input_shape, dtype=np.float32) * 255
     per_run: dict[str, list[float]] = defaultdict(lambda: [0.0] * runs)
     for _ in range(20):
         req.infer({0: x})

@@ -75,6 +75,13 @@ class Integral(nn.Module):
         return torch.matmul(self.project.to(prob.dtype)[None], prob).squeeze(-2)
 
 
+def distances_to_boxes(points: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
+    """Boxes ``x1, y1, x2, y2`` from anchor points and ``[left, top, right, bottom]``
+    distances (both ``[..., 4]``, pixels): the one decode step the head, the training loss and
+    the benchmarks share."""
+    return torch.cat([points[..., :2] - dist[..., :2], points[..., 2:] + dist[..., 2:]], dim=-1)
+
+
 def anchor_grid(
     feats: Sequence[torch.Tensor], strides: Sequence[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,7 +187,4 @@ class ZeroHead(nn.Module):
         points, strides = anchor_grid(feats, self.strides)
         scores = torch.cat(logits, 2).permute(0, 2, 1).sigmoid()
         dist = torch.cat(dists, 2).permute(0, 2, 1) * strides
-        boxes = torch.cat(
-            [points[..., :2] - dist[..., :2], points[..., 2:] + dist[..., 2:]], dim=-1
-        )
-        return scores, boxes
+        return scores, distances_to_boxes(points, dist)

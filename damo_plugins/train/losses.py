@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from damo_plugins.models.head import distances_to_boxes
 from damo_plugins.train.assigner import AlignedOTA
 
 
@@ -89,7 +90,7 @@ class DetectionLoss:
     ) -> torch.Tensor:
         """Boxes (xyxy, pixels) from bin logits — the same decoding as the inference head."""
         dist = reg_logits.softmax(-1) @ self.project.to(reg_logits.dtype) * strides
-        return torch.cat([points[..., :2] - dist[..., :2], points[..., 2:] + dist[..., 2:]], dim=-1)
+        return distances_to_boxes(points, dist)
 
     def __call__(
         self, raw: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]
